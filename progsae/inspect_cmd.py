@@ -1,0 +1,48 @@
+"""`progsae inspect CKPT`: what a checkpoint is, in a few lines."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="print a checkpoint's architecture, shapes, ladder, ordering, metrics")
+    p.add_argument("checkpoint", help="checkpoint directory (ours or SAELens)")
+    p.set_defaults(func=run)
+
+
+def describe(path: str) -> str:
+    from progsae.sae import checkpoint
+
+    ck = checkpoint.load(path)
+    m = ck.meta
+    lines = [
+        f"checkpoint   {ck.path}",
+        f"architecture {m.architecture}",
+        f"d_in         {m.d_in}",
+        f"d_sae        {m.d_sae}",
+        f"k            {m.k}",
+        f"granularities {', '.join(map(str, m.granularities))}",
+        f"normalisation scale c = {m.scale:.6g} (folded into weights)",
+        f"model        {m.model or '-'}   layer {m.layer if m.layer is not None else '-'}   hook {m.hook or '-'}",
+        f"trained on   {m.training_tokens:,} tokens",
+    ]
+    if ck.orderings:
+        for name, o in ck.orderings.items():
+            top = o.sorted_scores()[:3].tolist()
+            lines.append(f"ordering     {name}: top scores {', '.join(f'{s:.4g}' for s in top)}")
+    else:
+        lines.append("ordering     none stored (trained order)")
+    fvu = ck.metrics.get("summary", {}) if isinstance(ck.metrics, dict) else {}
+    if fvu:
+        lines.append("metrics      " + ", ".join(f"{k}={v}" for k, v in fvu.items()))
+    elif ck.metrics:
+        lines.append(f"metrics      {', '.join(sorted(ck.metrics))}")
+    else:
+        lines.append("metrics      none (run `progsae eval`)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(describe(args.checkpoint))
+    return 0

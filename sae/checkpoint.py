@@ -1,0 +1,378 @@
+"""Checkpoint directories (SPEC §4): cfg.json + safetensors, SAELens-compatible, no pickle.
+
+    CKPT/cfg.json                  SAELens fields + our own under "progsae"
+    CKPT/sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec
+    CKPT/ordering.safetensors      per criterion: "<crit>.perm" int64, "<crit>.scores" f64
+    CKPT/metrics.json              evaluation results
+
+Weights are stored at raw activation scale (the normalisation scalar c is folded in and
+recorded in cfg), so SAELens users get correct outputs without knowing about c. Each
+safetensors file we write carries a sha256 of its tensor bytes in its header metadata, so
+a corrupted file is caught on load. Every file is written to a temp name and renamed;
+`save` builds the whole directory aside and renames it into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from . import ordering as ordmod
+from .codec import SAE, check_ladder, default_ladder
+from .ordering import Ordering
+
+FORMAT_VERSION = 1
+CFG, WEIGHTS, ORDERING, METRICS = "cfg.json", "sae_weights.safetensors", "ordering.safetensors", "metrics.json"
+ARCHITECTURES = ("topk", "matryoshka", "relu", "jumprelu")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, malformed, corrupted or inconsistent."""
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint says about itself besides its tensors."""
+
+    architecture: str
+    """"topk" or "matryoshka" (ours), "relu"/"jumprelu" (SAELens standard/JumpReLU)."""
+    d_in: int
+    """Width of the activations (the LM's d_model)."""
+    d_sae: int
+    """Number of latents M."""
+    k: int
+    """Active latents per token."""
+    granularities: tuple[int, ...]
+    """Progressive ladder G_1 < ... < G_n = d_sae (trained groups for Matryoshka)."""
+    scale: float = 1.0
+    """Normalisation scalar c with E||c x||^2 = d_in on training data (folded into weights)."""
+    model: str | None = None
+    """Language model alias or path the activations came from."""
+    layer: int | None = None
+    """hidden_states index (0 = embeddings) the SAE reads."""
+    hook: str | None = None
+    """Human-readable hook point name."""
+    training_tokens: int = 0
+    """Tokens seen in training."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (trainer config, outlier policy, ...)."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the (possibly ordered) SAE and everything beside it."""
+
+    path: Path
+    sae: SAE
+    meta: CheckpointMeta
+    orderings: dict[str, Ordering]
+    metrics: dict[str, Any]
+    applied: str = "none"
+    """Which ordering was applied to `sae` ("none" = original latent order)."""
+
+    @property
+    def ladder(self) -> tuple[int, ...]:
+        return self.meta.granularities
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return st_save(tensors, metadata={"progsae_sha256": _tensor_digest(tensors)})
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file via temp + fsync + rename: readers see the old or the new file, whole."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cfg_dict(meta: CheckpointMeta) -> dict[str, Any]:
+    saelens_arch = {"topk": "topk", "matryoshka": "topk", "relu": "standard", "jumprelu": "jumprelu"}
+    ours = asdict(meta)
+    ours["granularities"] = list(meta.granularities)
+    ours["format_version"] = FORMAT_VERSION
+    return {
+        "architecture": saelens_arch[meta.architecture],
+        "d_in": meta.d_in,
+        "d_sae": meta.d_sae,
+        "k": meta.k,
+        "activation_fn_kwargs": {"k": meta.k},
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "model_name": meta.model,
+        "hook_name": meta.hook,
+        "hook_layer": meta.layer,
+        "progsae": ours,
+    }
+
+
+def _weights(sae: SAE) -> dict[str, torch.Tensor]:
+    folded = sae.fold_scale() if sae.scale != 1.0 else sae
+    t = {"W_enc": folded.W_enc, "W_dec": folded.W_dec, "b_enc": folded.b_enc, "b_dec": folded.b_dec}
+    if folded.threshold is not None:
+        t["threshold"] = folded.threshold
+    return {k: v.float() for k, v in t.items()}
+
+
+def save(
+    path: str | Path,
+    sae: SAE,
+    meta: CheckpointMeta,
+    orderings: dict[str, Ordering] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a whole checkpoint directory atomically (built aside, then renamed in)."""
+    path = Path(path)
+    meta.scale = float(sae.scale) if sae.scale != 1.0 else meta.scale
+    _check_meta(meta, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        (tmp / WEIGHTS).write_bytes(_st_bytes(_weights(sae)))
+        if orderings:
+            (tmp / ORDERING).write_bytes(_st_bytes(_ordering_tensors(orderings)))
+        if metrics is not None:
+            (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=_json_default))
+        (tmp / CFG).write_text(json.dumps(_cfg_dict(meta), indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / "ckpt")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _ordering_tensors(orderings: dict[str, Ordering]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, o in orderings.items():
+        out[f"{name}.perm"] = o.perm.long().cpu()
+        out[f"{name}.scores"] = o.scores.double().cpu()
+    return out
+
+
+def write_orderings(path: str | Path, orderings: dict[str, Ordering]) -> None:
+    """Add or replace orderings (merged with those already stored), atomically."""
+    path = Path(path)
+    existing = read_orderings(path, _meta_from_cfg(_read_cfg(path), path).d_sae)
+    existing.update(orderings)
+    atomic_write(path / ORDERING, _st_bytes(_ordering_tensors(existing)))
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    atomic_write(Path(path) / METRICS, json.dumps(metrics, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "_asdict"):
+        return o._asdict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    f = path / CFG
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    return cfg
+
+
+def _need(d: dict[str, Any], key: str, where: Path, typ: type | tuple[type, ...]) -> Any:
+    if key not in d or d[key] is None:
+        raise CheckpointError(f"{where}: missing field {key!r}")
+    if not isinstance(d[key], typ) or isinstance(d[key], bool):
+        raise CheckpointError(f"{where}: field {key!r} has wrong type {type(d[key]).__name__}")
+    return d[key]
+
+
+def _meta_from_cfg(cfg: dict[str, Any], path: Path) -> CheckpointMeta:
+    where = path / CFG
+    ours = cfg.get("progsae")
+    if ours is not None:
+        if not isinstance(ours, dict):
+            raise CheckpointError(f"{where}: field 'progsae' must be an object")
+        if ours.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: unsupported format_version {ours.get('format_version')!r}")
+        fields = {k: ours[k] for k in CheckpointMeta.__dataclass_fields__ if k in ours}
+        for key, typ in (("architecture", str), ("d_in", int), ("d_sae", int), ("k", int), ("granularities", list)):
+            _need(ours, key, where, typ)
+        fields["granularities"] = tuple(ours["granularities"])
+        meta = CheckpointMeta(**fields)
+    else:  # a SAELens checkpoint
+        arch = cfg.get("architecture", "standard")
+        d_in = _need(cfg, "d_in", where, int)
+        d_sae = _need(cfg, "d_sae", where, int)
+        kind = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}.get(arch)
+        if kind is None:
+            raise CheckpointError(f"{where}: unsupported SAELens architecture {arch!r}")
+        norm = cfg.get("normalize_activations", "none")
+        if norm not in (None, "none"):
+            raise CheckpointError(
+                f"{where}: normalize_activations={norm!r} needs a scaling factor SAELens does not store"
+            )
+        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if kind == "topk" and not isinstance(k, int):
+            raise CheckpointError(f"{where}: topk SAE without an integer 'k'")
+        meta = CheckpointMeta(
+            architecture=kind, d_in=d_in, d_sae=d_sae, k=k if kind == "topk" else d_sae,
+            granularities=default_ladder(d_sae), model=cfg.get("model_name"),
+            layer=cfg.get("hook_layer"), hook=cfg.get("hook_name"),
+            extra={"source": "saelens"},
+        )
+    _check_meta(meta, path)
+    return meta
+
+
+def _check_meta(meta: CheckpointMeta, path: Path) -> None:
+    where = path / CFG
+    if meta.architecture not in ARCHITECTURES:
+        raise CheckpointError(f"{where}: unknown architecture {meta.architecture!r}")
+    if meta.d_in < 1 or meta.d_sae < 1:
+        raise CheckpointError(f"{where}: d_in and d_sae must be positive")
+    if not 1 <= meta.k <= meta.d_sae:
+        raise CheckpointError(f"{where}: k={meta.k} must be in 1..d_sae={meta.d_sae}")
+    try:
+        check_ladder(meta.granularities, meta.d_sae)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if meta.granularities[-1] != meta.d_sae:
+        raise CheckpointError(f"{where}: the last granularity must equal d_sae={meta.d_sae}")
+    if not (isinstance(meta.scale, (int, float)) and math.isfinite(meta.scale) and meta.scale > 0):
+        raise CheckpointError(f"{where}: normalisation scale must be a positive finite number")
+
+
+def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    try:
+        with safe_open(f, framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            digest = (fh.metadata() or {}).get("progsae_sha256")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+    if digest is not None and digest != _tensor_digest(tensors):
+        raise CheckpointError(f"{f}: checksum mismatch (file corrupted)")
+    return tensors
+
+
+def _check_tensor(t: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], f: Path) -> torch.Tensor:
+    if name not in t:
+        raise CheckpointError(f"{f}: missing tensor {name!r}")
+    x = t[name]
+    if tuple(x.shape) != shape:
+        raise CheckpointError(f"{f}: {name} has shape {tuple(x.shape)}, expected {shape}")
+    if not x.is_floating_point():
+        raise CheckpointError(f"{f}: {name} has dtype {x.dtype}, expected floating point")
+    if not torch.isfinite(x).all():
+        raise CheckpointError(f"{f}: {name} contains NaN or Inf")
+    return x.float()
+
+
+def read_orderings(path: Path, d_sae: int) -> dict[str, Ordering]:
+    f = path / ORDERING
+    if not f.exists():
+        return {}
+    t = _read_tensors(f)
+    out: dict[str, Ordering] = {}
+    for key in sorted(k for k in t if k.endswith(".perm")):
+        name = key[: -len(".perm")]
+        scores = t.get(f"{name}.scores")
+        if scores is None or scores.shape != (d_sae,):
+            raise CheckpointError(f"{f}: ordering {name!r} lacks scores of shape ({d_sae},)")
+        try:
+            ordmod.check_permutation(t[key], d_sae)
+        except ValueError as e:
+            raise CheckpointError(f"{f}: ordering {name!r}: {e}") from None
+        out[name] = Ordering(name, t[key], scores.double())
+    return out
+
+
+def load_meta(path: str | Path) -> CheckpointMeta:
+    path = Path(path)
+    return _meta_from_cfg(_read_cfg(path), path)
+
+
+def load(path: str | Path, ordering: str = "none", device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint; apply the named ordering ("none" keeps trained order)."""
+    path = Path(path)
+    meta = load_meta(path)
+    f = path / WEIGHTS
+    t = _read_tensors(f)
+    d, m = meta.d_in, meta.d_sae
+    w = {
+        "W_enc": _check_tensor(t, "W_enc", (d, m), f),
+        "W_dec": _check_tensor(t, "W_dec", (m, d), f),
+        "b_enc": _check_tensor(t, "b_enc", (m,), f),
+        "b_dec": _check_tensor(t, "b_dec", (d,), f),
+    }
+    threshold = _check_tensor(t, "threshold", (m,), f) if meta.architecture == "jumprelu" else None
+    activation = "topk" if meta.architecture in ("topk", "matryoshka") else meta.architecture
+    sae = SAE(**w, k=meta.k, activation=activation, threshold=threshold).to(device)
+    orderings = read_orderings(path, m)
+    metrics: dict[str, Any] = {}
+    if (path / METRICS).exists():
+        try:
+            metrics = json.loads((path / METRICS).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path / METRICS}: not valid JSON ({e})") from None
+    if ordering != "none":
+        if ordering not in orderings:
+            have = ", ".join(orderings) or "none stored"
+            raise CheckpointError(f"{path}: no ordering {ordering!r} ({have}); run `progsae order` first")
+        sae = ordmod.apply(sae, orderings[ordering])
+    return Checkpoint(path, sae, meta, orderings, metrics, ordering)

@@ -1,0 +1,220 @@
+"""The progressive SAE codec: encode once, decode at any granularity G, stream rungs.
+
+Pure functions over an `SAE` (frozen tensors + a few ints); no Ray, no gRPC, no I/O.
+Trainer, evaluator and server all import this module, so there is one definition of
+what "decode at G" means.
+
+Semantics (SPEC §3):
+  * input normalisation: encode sees ``scale * x``; decode returns ``x_hat / scale``,
+    so callers always pass and get raw activations.
+  * encode: pre = W_enc^T (scale*x - b_dec) + b_enc;  z = TopK_k(ReLU(pre)), one top-k
+    over all M latents (``activation="relu"`` / ``"jumprelu"`` keep every active latent
+    instead, for SAELens standard / JumpReLU checkpoints).
+  * codes are sparse: (indices, values) of shape [N, k]; a value may be 0 (ReLU'd).
+  * nested truncation: x_hat_G = sum over codes with index < G of z_i W_dec[i] + b_dec.
+  * progressive stream: each rung adds only the codes with index in [G_prev, G).
+  * prefix encode: a *different* code, top-k within the first G encoder columns only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Activation = Literal["topk", "relu", "jumprelu"]
+
+
+class Codes(NamedTuple):
+    """Sparse codes of a batch of tokens."""
+
+    indices: Tensor
+    """[N, k] int64 latent indices (positions in the progressive order)."""
+    values: Tensor
+    """[N, k] activations (normalised scale); zero entries are inactive."""
+
+
+class Rung(NamedTuple):
+    """One step of a progressive stream."""
+
+    g: int
+    """Granularity: latents with index < g are included."""
+    l0: Tensor
+    """[N] number of active latents with index < g."""
+    delta: Tensor
+    """[N, d_in] raw-scale contribution of the latents in [previous g, g)."""
+    recon: Tensor
+    """[N, d_in] raw-scale reconstruction at granularity g."""
+
+
+@dataclass(frozen=True)
+class SAE:
+    """Weights of a sparse autoencoder in SAELens layout, plus what encode needs."""
+
+    W_enc: Tensor
+    """[d_in, d_sae] encoder."""
+    W_dec: Tensor
+    """[d_sae, d_in] decoder; row i is latent i's direction."""
+    b_enc: Tensor
+    """[d_sae] encoder bias."""
+    b_dec: Tensor
+    """[d_in] decoder bias (normalised scale), subtracted before encoding."""
+    k: int
+    """Active latents per token (top-k); an upper bound for relu/jumprelu."""
+    scale: float = 1.0
+    """Input normalisation c: encode sees c*x, decode returns x_hat/c."""
+    activation: Activation = "topk"
+    """How latents are selected: top-k, plain ReLU, or JumpReLU with `threshold`."""
+    threshold: Tensor | None = None
+    """[d_sae] JumpReLU thresholds (activation == "jumprelu" only)."""
+
+    @property
+    def d_in(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_dec.shape[0]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
+        """Copy onto a device and/or floating dtype (float64 for evaluation)."""
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return replace(
+            self,
+            W_enc=move(self.W_enc),
+            W_dec=move(self.W_dec),
+            b_enc=move(self.b_enc),
+            b_dec=move(self.b_dec),
+            threshold=move(self.threshold),
+        )
+
+    def fold_scale(self) -> SAE:
+        """Equivalent SAE with scale 1: c folded into W_enc, W_dec and b_dec."""
+        c = self.scale
+        return replace(
+            self, W_enc=self.W_enc * c, W_dec=self.W_dec / c, b_dec=self.b_dec / c, scale=1.0
+        )
+
+    def permute(self, perm: Tensor) -> SAE:
+        """Reorder latents: new latent j is old latent perm[j]."""
+        th = None if self.threshold is None else self.threshold[perm]
+        return replace(
+            self, W_enc=self.W_enc[:, perm], W_dec=self.W_dec[perm], b_enc=self.b_enc[perm],
+            threshold=th,
+        )
+
+    # --- encode -------------------------------------------------------------------------
+
+    def pre_acts(self, x: Tensor, g: int | None = None) -> Tensor:
+        """Encoder pre-activations [N, g] (all M latents when g is None)."""
+        g = self.d_sae if g is None else g
+        x_in = x * self.scale - self.b_dec if self.scale != 1.0 else x - self.b_dec
+        return torch.addmm(self.b_enc[:g], x_in, self.W_enc[:, :g])
+
+    def encode(self, x: Tensor) -> Codes:
+        """One selection over the full dictionary: [N, d_in] raw activations -> codes."""
+        return self._select(self.pre_acts(x), self.k)
+
+    def prefix_encode(self, x: Tensor, g: int) -> Codes:
+        """The cheap path: only the first g encoder columns, top-min(k, g) among them.
+
+        Costs g/M of a full encode. NOT nested truncation: latents that would have lost the
+        full top-k can win here, so decode(prefix_encode(x, g), g) != decode(encode(x), g).
+        """
+        _check_g(g, self.d_sae)
+        return self._select(self.pre_acts(x, g), min(self.k, g))
+
+    def _select(self, pre: Tensor, k: int) -> Codes:
+        if self.activation == "topk":
+            # ReLU commutes with top-k (monotone), so clamp only the k winners.
+            values, indices = pre.topk(k, dim=-1, sorted=False)
+            return Codes(indices, values.clamp_min(0))
+        acts = pre.relu() if self.activation == "relu" else pre * (pre > self.threshold[: pre.shape[1]])
+        width = int((acts > 0).sum(-1).max().item()) if acts.numel() else 0
+        values, indices = acts.topk(max(width, 1), dim=-1, sorted=False)
+        return Codes(indices, values)
+
+    # --- decode -------------------------------------------------------------------------
+
+    def decode(self, codes: Codes, g: int | None = None) -> Tensor:
+        """Nested truncation: raw-scale reconstruction from the codes with index < g."""
+        g = self.d_sae if g is None else g
+        _check_g(g, self.d_sae)
+        keep = codes.indices < g if g < self.d_sae else None
+        return self._unscale(sparse_sum(self.W_dec, codes, keep) + self.b_dec)
+
+    def progressive(self, codes: Codes, ladder: Sequence[int]) -> Iterator[Rung]:
+        """Yield one rung per granularity in `ladder`, each built from the previous one.
+
+        Every code is multiplied into the output exactly once over the whole stream, so
+        streaming all rungs costs one sparse decode (k * d_in multiply-adds per token).
+        """
+        check_ladder(ladder, self.d_sae)
+        recon = self.b_dec.expand(codes.indices.shape[0], -1)
+        active = codes.values != 0
+        l0 = torch.zeros(codes.indices.shape[0], dtype=torch.long, device=codes.indices.device)
+        lo = 0
+        for g in ladder:
+            band = (codes.indices >= lo) & (codes.indices < g)
+            delta = sparse_sum(self.W_dec, codes, band)
+            recon = recon + delta
+            l0 = l0 + (band & active).sum(-1)
+            yield Rung(g, l0, self._unscale(delta), self._unscale(recon))
+            lo = g
+
+    def _unscale(self, y: Tensor) -> Tensor:
+        return y / self.scale if self.scale != 1.0 else y
+
+
+def sparse_sum(W_dec: Tensor, codes: Codes, keep: Tensor | None = None) -> Tensor:
+    """sum_j values[n, j] * W_dec[indices[n, j]] over the kept entries: [N, d_in].
+
+    Gathers only the kept decoder rows (embedding_bag), never a dense [N, M] @ [M, d].
+    """
+    n = codes.indices.shape[0]
+    if keep is None:
+        if codes.indices.shape[1] == 0:
+            return W_dec.new_zeros(n, W_dec.shape[1])
+        return F.embedding_bag(
+            codes.indices, W_dec, per_sample_weights=codes.values.to(W_dec.dtype), mode="sum"
+        )
+    flat_idx = codes.indices[keep]
+    if flat_idx.numel() == 0:
+        return W_dec.new_zeros(n, W_dec.shape[1])
+    counts = keep.sum(-1)
+    offsets = torch.zeros(n, dtype=torch.long, device=counts.device)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return F.embedding_bag(
+        flat_idx, W_dec, offsets, per_sample_weights=codes.values[keep].to(W_dec.dtype), mode="sum"
+    )
+
+
+def l0(codes: Codes, g: int) -> Tensor:
+    """[N] active latents with index < g."""
+    return ((codes.indices < g) & (codes.values != 0)).sum(-1)
+
+
+def default_ladder(d_sae: int, rungs: int = 5) -> tuple[int, ...]:
+    """Geometric ladder ending at d_sae: d_sae/2^(rungs-1), ..., d_sae/2, d_sae."""
+    return tuple(sorted({max(1, d_sae >> i) for i in range(rungs)}))
+
+
+def check_ladder(ladder: Sequence[int], d_sae: int) -> None:
+    """Raise ValueError unless `ladder` is strictly increasing within 1..d_sae."""
+    if len(ladder) == 0:
+        raise ValueError("granularity ladder is empty")
+    prev = 0
+    for g in ladder:
+        _check_g(g, d_sae)
+        if g <= prev:
+            raise ValueError(f"granularities must be strictly increasing, got {list(ladder)}")
+        prev = g
+
+
+def _check_g(g: int, d_sae: int) -> None:
+    if not 1 <= g <= d_sae:
+        raise ValueError(f"granularity G={g} out of range 1..{d_sae}")

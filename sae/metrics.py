@@ -1,0 +1,168 @@
+"""Evaluation metrics with exact definitions (SPEC §5), shared by trainer and server.
+
+All accumulators are float64 and streaming: feed batches, read the result once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class FVUAccumulator:
+    """FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, mean per dimension over all batches."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sse = 0.0
+        self.sum: Tensor | None = None
+        self.sumsq: Tensor | None = None
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x64 = x.detach().double()
+        self.sse += float((x64 - x_hat.detach().double()).square().sum())
+        s, s2 = x64.sum(0), x64.square().sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = s2 if self.sumsq is None else self.sumsq + s2
+        self.n += x.shape[0]
+
+    def total_variance(self) -> float:
+        if self.n == 0 or self.sum is None or self.sumsq is None:
+            raise ValueError("FVU of an empty set is undefined")
+        return float((self.sumsq - self.sum.square() / self.n).sum())
+
+    def value(self) -> float:
+        tv = self.total_variance()
+        return self.sse / tv if tv > 0 else float("inf")
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """FVU of one batch (its own mean as the baseline)."""
+    acc = FVUAccumulator()
+    acc.update(x, x_hat)
+    return acc.value()
+
+
+class RSAReference:
+    """RSA against a fixed x: the ranks of x's pairwise cosine distances are computed once.
+
+    RSA(x, x_hat) = Spearman correlation between the upper triangles (i < j) of the pairwise
+    cosine-distance matrices of x and x_hat (SPEC §5). Scoring several reconstructions of the
+    same tokens (one per rung) reuses the reference ranks.
+    """
+
+    def __init__(self, x: Tensor):
+        if x.shape[0] < 3:
+            raise ValueError("RSA needs at least 3 tokens")
+        self.n = x.shape[0]
+        self._ref = _centred_ranks(_cosine_distances(x))
+
+    def score(self, x_hat: Tensor) -> float:
+        """Spearman rho; NaN when x_hat's distances are all equal (e.g. a constant x_hat)."""
+        if x_hat.shape[0] != self.n:
+            raise ValueError(f"x_hat has {x_hat.shape[0]} tokens, reference has {self.n}")
+        r = _centred_ranks(_cosine_distances(x_hat))
+        den = float(np.sqrt((self._ref**2).sum() * (r**2).sum()))
+        return float((self._ref * r).sum() / den) if den > 0 else float("nan")
+
+
+def rsa(x: Tensor, x_hat: Tensor) -> float:
+    """Spearman correlation of the upper triangles of pairwise cosine-distance matrices."""
+    return RSAReference(x).score(x_hat)
+
+
+def _cosine_distances(a: Tensor) -> np.ndarray:
+    a = torch.nn.functional.normalize(a.detach().double(), dim=1)
+    d = 1.0 - a @ a.T
+    iu = torch.triu_indices(d.shape[0], d.shape[0], offset=1)
+    return d[iu[0], iu[1]].cpu().numpy()
+
+
+def _centred_ranks(v: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    # Distances equal up to float noise (e.g. a constant x_hat) are ties, not an order.
+    r = rankdata(np.round(v, 12), method="average")
+    return r - r.mean()
+
+
+def ce_loss_recovered(ce_clean: float, ce_zero: float, ce_sae: float) -> float:
+    """(CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = as good as clean, 0 = as bad as zeroing."""
+    den = ce_zero - ce_clean
+    return (ce_zero - ce_sae) / den if den != 0 else float("nan")
+
+
+class TokenLossAccumulator:
+    """Float64 sums of next-token CE and KL(p_clean || p) over scored tokens.
+
+    `update` takes log-probabilities [N, V] of the clean model and of a variant for the
+    same N scored positions, and the N target token ids.
+    """
+
+    def __init__(self) -> None:
+        self.ce_sum = 0.0
+        self.kl_sum = 0.0
+        self.n = 0
+
+    def update(self, logp_clean: Tensor, logp: Tensor, targets: Tensor) -> None:
+        # Elementwise in the input precision (float32 log-probs are accurate to ~1e-7),
+        # sums in float64.
+        self.ce_sum += float(-logp.gather(-1, targets[:, None]).sum(dtype=torch.float64))
+        self.kl_sum += float((logp_clean.exp() * (logp_clean - logp)).sum(dtype=torch.float64))
+        self.n += int(targets.shape[0])
+
+    @property
+    def ce(self) -> float:
+        return self.ce_sum / self.n if self.n else float("nan")
+
+    @property
+    def kl(self) -> float:
+        """Mean per-token KL(p_clean || p) in nats."""
+        return self.kl_sum / self.n if self.n else float("nan")
+
+
+class DensityHistogram(NamedTuple):
+    """Histogram of log10 firing frequency over live latents; dead latents counted apart."""
+
+    edges: list[float]
+    """Bin edges in log10(frequency)."""
+    counts: list[int]
+    """Live latents per bin (len(edges) - 1)."""
+    dead: int
+    """Latents that never fired."""
+
+
+def density_histogram(fires: Tensor | np.ndarray, n_tokens: int, lo: float = -7.0, bins: int = 28) -> DensityHistogram:
+    """Firing frequency fires_i / n_tokens per latent, binned on [lo, 0] in log10."""
+    f = np.asarray(fires, dtype=np.float64) / max(n_tokens, 1)
+    live = f[f > 0]
+    edges = np.linspace(lo, 0.0, bins + 1)
+    counts, _ = np.histogram(np.clip(np.log10(live), lo, 0.0), bins=edges)
+    return DensityHistogram([float(e) for e in edges], [int(c) for c in counts], int((f <= 0).sum()))
+
+
+class PowerLaw(NamedTuple):
+    """score(rank) ~ C * rank^-alpha, fitted by least squares in log-log space."""
+
+    alpha: float
+    C: float
+    r2: float
+    n: int
+    """Number of (positive) scores used in the fit."""
+
+
+def fit_power_law(sorted_scores: Tensor | np.ndarray) -> PowerLaw:
+    """Fit on descending scores; zero scores (dead latents) are excluded from the fit."""
+    s = np.asarray(sorted_scores, dtype=np.float64)
+    s = s[s > 0]
+    if s.size < 3:
+        raise ValueError("power-law fit needs at least 3 positive scores")
+    logr, logs = np.log(np.arange(1, s.size + 1)), np.log(s)
+    slope, intercept = np.polyfit(logr, logs, 1)
+    pred = slope * logr + intercept
+    ss_res = float(((logs - pred) ** 2).sum())
+    ss_tot = float(((logs - logs.mean()) ** 2).sum())
+    return PowerLaw(float(-slope), float(np.exp(intercept)), 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0, int(s.size))
