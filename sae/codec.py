@@ -46,9 +46,11 @@ class Rung(NamedTuple):
     l0: Tensor
     """[N] number of active latents with index < g."""
     delta: Tensor
-    """[N, d_in] raw-scale contribution of the latents in [previous g, g)."""
-    recon: Tensor
-    """[N, d_in] raw-scale reconstruction at granularity g."""
+    """[N, d_in] raw-scale contribution of the latents in [previous g, g).
+
+    Deltas exclude b_dec: recon at g = b_dec / scale + the sum of deltas up to g."""
+    recon: Tensor | None
+    """[N, d_in] raw-scale reconstruction at granularity g (None in a delta-only stream)."""
 
 
 @dataclass(frozen=True)
@@ -147,24 +149,29 @@ class SAE:
         keep = codes.indices < g if g < self.d_sae else None
         return self._unscale(sparse_sum(self.W_dec, codes, keep) + self.b_dec)
 
-    def progressive(self, codes: Codes, ladder: Sequence[int]) -> Iterator[Rung]:
+    def progressive(self, codes: Codes, ladder: Sequence[int], with_recon: bool = True) -> Iterator[Rung]:
         """Yield one rung per granularity in `ladder`, each built from the previous one.
 
         Every code is multiplied into the output exactly once over the whole stream, so
-        streaming all rungs costs one sparse decode (k * d_in multiply-adds per token).
+        streaming all rungs costs one sparse decode (k * d_in multiply-adds per token) plus
+        one [N, d_in] write per rung. `with_recon=False` yields deltas only (the client
+        sums them), saving the running-sum pass.
         """
         check_ladder(ladder, self.d_sae)
-        recon = self.b_dec.expand(codes.indices.shape[0], -1)
-        active = codes.values != 0
-        l0 = torch.zeros(codes.indices.shape[0], dtype=torch.long, device=codes.indices.device)
-        lo = 0
-        for g in ladder:
-            band = (codes.indices >= lo) & (codes.indices < g)
-            delta = sparse_sum(self.W_dec, codes, band)
-            recon = recon + delta
-            l0 = l0 + (band & active).sum(-1)
-            yield Rung(g, l0, self._unscale(delta), self._unscale(recon))
-            lo = g
+        n = codes.indices.shape[0]
+        recon = self.b_dec.expand(n, -1) if with_recon else None
+        # One pass over the codes assigns each to its rung and counts L0 for every rung.
+        bounds = torch.tensor(list(ladder), device=codes.indices.device)
+        rung_of = torch.bucketize(codes.indices, bounds, right=True)  # band j = [G_{j-1}, G_j)
+        counts = torch.zeros(n, len(ladder) + 1, dtype=torch.long, device=bounds.device)
+        l0s = counts.scatter_add_(1, rung_of, (codes.values != 0).long())[:, :-1].cumsum(1)
+        for j, g in enumerate(ladder):
+            delta = sparse_sum(self.W_dec, codes, rung_of == j)
+            if recon is not None:
+                recon = recon + delta
+                yield Rung(g, l0s[:, j], self._unscale(delta), self._unscale(recon))
+            else:
+                yield Rung(g, l0s[:, j], self._unscale(delta), None)
 
     def _unscale(self, y: Tensor) -> Tensor:
         return y / self.scale if self.scale != 1.0 else y

@@ -73,6 +73,12 @@ def test_progressive_stream_equals_direct_decode_at_every_rung(dims, data):
             torch.testing.assert_close(r.recon, prev + r.delta, rtol=1e-5, atol=1e-4)
             assert (r.l0 >= prev_l0).all()
         prev, prev_l0 = r.recon, r.l0
+    # a delta-only stream sums (with b_dec) to the same reconstructions
+    total = sae.b_dec / sae.scale
+    for r, d in zip(rungs, sae.progressive(codes, ladder, with_recon=False), strict=True):
+        assert d.recon is None and d.g == r.g and torch.equal(d.l0, r.l0)
+        total = total + d.delta
+        torch.testing.assert_close(total, r.recon, rtol=1e-5, atol=1e-4)
     # top rung is the full reconstruction
     torch.testing.assert_close(rungs[-1].recon, sae.decode(codes), rtol=1e-5, atol=1e-4)
 
