@@ -15,8 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
-
-from progsae.sae.codec import SAE, Codes
+from progsae.sae.codec import SAE
 
 
 def timed(fn: Callable[[], object]) -> float:
