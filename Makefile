@@ -27,6 +27,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/progsae demo
 
 test: $(STAMP)
+	@# the dashboard's browser test drives Debian's chromium (never `playwright install`)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest
 
 lint: $(STAMP)

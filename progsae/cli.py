@@ -14,6 +14,13 @@ import sys
 COMMAND_MODULES = [
     "progsae.inspect_cmd",
     "progsae.demo",
+    "progsae.trainer.harvest",
+    "progsae.trainer.train_cmd",
+    "progsae.trainer.order",
+    "progsae.trainer.eval_cli",
+    "progsae.server.cli",
+    "progsae.clients.cli",
+    "progsae.trainer.features_cmd",
 ]
 
 

@@ -1,48 +1,165 @@
-"""`progsae demo`: the main job end to end on the embedded defaults."""
+"""`progsae demo`: the main job end to end on the embedded defaults, in a few minutes on 2 cores.
+
+harvest (real SmolLM2-135M, layer 15, Wikipedia + chit-chat) -> train a small Matryoshka SAE
+and a TopK SAE -> order the TopK one by E[a^2] and by frequency -> evaluate both at every rung
+-> report (markdown + FVU-vs-G figures) -> serve both with Ray Serve (gRPC + HTTP) -> stream a
+real sentence's activations through gRPC, rung by rung -> print the dashboard's URL and keep
+serving until Ctrl-C. Every step is the CLI command a user would type (printed as it runs);
+steps whose output already exists are skipped, so a second `make demo` starts serving at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+DEMO_TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower in Paris, named after the engineer "
+    "whose company designed and built it."
+)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo run (small enough for a few minutes on 2 CPU cores)."""
+
+    out: str = "demo_out"
+    """Working directory for caches, checkpoints and the report."""
+    model: str = "smollm2-135m"
+    """Language model alias."""
+    layer: int = 15
+    """hidden_states index the SAEs read."""
+    train_tokens: int = 48_000
+    """Activations harvested for training."""
+    heldout_tokens: int = 8_000
+    """Held-out activations for ordering-free evaluation."""
+    d_sae: int = 1024
+    """Latents per SAE."""
+    k: int = 16
+    """Active latents per token."""
+    ladder: str = "64,128,256,512,1024"
+    """Matryoshka granularities (also the serving ladder)."""
+    epochs: int = 6
+    """Passes over the (small) training cache."""
+    batch: int = 1024
+    """Training batch size in tokens."""
+    lr: float = 2e-3
+    """Adam learning rate (higher than the large-run default: the demo takes few steps)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job end to end on the embedded defaults")
-    p.add_argument("--out", default="demo_out", help="working directory for artifacts")
+    p = sub.add_parser("demo", help="harvest, train, order, evaluate, report, serve and stream on the defaults")
+    p.add_argument("--out", default=DemoConfig.out, help="working directory for artifacts")
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--no-serve", action="store_true", help="stop after the report")
+    p.add_argument("--no-wait", action="store_true", help="stop serving after the streamed example")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _step(title: str, argv: list[str], done: Path | None = None) -> None:
+    from progsae.cli import main
 
-    from progsae.sae import checkpoint, metrics
-    from progsae.sae import ordering as ordmod
-    from progsae.sae.codec import SAE
-
-    out = Path(args.out)
-    torch.manual_seed(0)
-    d, m, k = 64, 1024, 16
-    # Data with a power-law spectrum of sparse causes, so an ordering has something to find.
-    atoms = torch.nn.functional.normalize(torch.randn(m, d), dim=1)
-    freq = 0.05 * torch.arange(1, m + 1).float() ** -0.7
-    def sample(n: int) -> torch.Tensor:
-        on = torch.rand(n, m) < freq
-        return (on * torch.rand(n, m) * 3) @ atoms + 0.01 * torch.randn(n, d)
-    x_train, x_test = sample(8192), sample(2048)
-    sae = SAE(W_enc=atoms.T.clone(), W_dec=atoms.clone(), b_enc=torch.zeros(m), b_dec=x_train.mean(0), k=k)
-    acc = ordmod.ImportanceAccumulator(sae)
-    acc.update(sae.encode(x_train))
-    orderings = {c: acc.ordering(c) for c in ordmod.CRITERIA}
-    meta = checkpoint.CheckpointMeta(architecture="topk", d_in=d, d_sae=m, k=k, granularities=(64, 128, 256, 512, 1024),
-                                     model="synthetic", extra={"demo": True})
-    path = checkpoint.save(out / "ckpt" / "synthetic-topk", sae, meta, orderings)
-    ck = checkpoint.load(path, ordering="mean_sq")
-    print(f"saved {path}; streaming {len(ck.ladder)} rungs of {x_test.shape[0]} tokens (sorted by E[a^2]):")
-    codes = ck.sae.encode(x_test)
+    print(f"\n== {title}\n$ progsae {shlex.join(argv)}", flush=True)
+    if done is not None and done.exists():
+        print(f"   (exists: {done}; skipped)")
+        return
     t0 = time.perf_counter()
-    for rung in ck.sae.progressive(codes, ck.ladder):
-        fvu = metrics.fvu(x_test, rung.recon)
-        print(f"  G={rung.g:5d}  L0={rung.l0.float().mean():5.1f}  FVU={fvu:.4f}  "
-              f"t={1e3 * (time.perf_counter() - t0):6.1f} ms")
+    rc = main(argv)
+    if rc != 0:
+        raise SystemExit(f"demo: step failed: progsae {shlex.join(argv)}")
+    print(f"   done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def build(cfg: DemoConfig) -> tuple[Path, Path]:
+    """Run the training half of the demo; return the two checkpoint directories."""
+    out = Path(cfg.out)
+    acts, ck = out / "acts", out / "ckpt"
+    train, held = acts / "train", acts / "heldout"
+    mat, topk = ck / "matryoshka", ck / "topk"
+    common = ["--model", cfg.model, "--layer", str(cfg.layer), "--corpus", "wikipedia,chitchat"]
+    _step("harvest training activations from the real model",
+          ["harvest", *common, "--split", "train", "--tokens", str(cfg.train_tokens), "--out", str(train)],
+          train / "manifest.json" if _complete(train) else None)
+    _step("harvest held-out activations (documents never trained on)",
+          ["harvest", *common, "--split", "heldout", "--tokens", str(cfg.heldout_tokens), "--out", str(held)],
+          held / "manifest.json" if _complete(held) else None)
+    budget = str(cfg.train_tokens * cfg.epochs)
+    shared = ["--activations", str(train), "--d-sae", str(cfg.d_sae), "--k", str(cfg.k), "--tokens", budget,
+              "--batch-size", str(cfg.batch), "--lr", str(cfg.lr), "--granularities", cfg.ladder,
+              "--checkpoint-every", "50"]
+    _step("train a Matryoshka SAE (one top-k, nested prefix losses)",
+          ["train", "--arch", "matryoshka", *shared, "--out", str(mat)], mat / "cfg.json")
+    _step("train a vanilla TopK SAE with the same data, seed and budget",
+          ["train", "--arch", "topk", *shared, "--out", str(topk)], topk / "cfg.json")
+    _step("order the TopK SAE's latents by E[(a*|W_dec|)^2] and by frequency",
+          ["order", str(topk), "--activations", str(train), "--by", "mean_sq,freq"], topk / "ordering.safetensors")
+    for ckpt in (mat, topk):
+        _step(f"evaluate {ckpt.name} at every rung (FVU, L0, RSA, CE loss recovered)",
+              ["eval", str(ckpt), "--activations", str(held), "--ordering", "all", "--ce", "--ce-contexts", "8",
+               "--rsa-tokens", "1000"], ckpt / "metrics.json")
+    _step("write the report (FVU / CE / RSA vs G, power law)",
+          ["report", str(mat), str(topk), "--out", str(out / "report")])
+    print(f"\nreport: {out / 'report' / 'report.md'}")
+    return mat, topk
+
+
+def _complete(cache: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((cache / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def stream_example(grpc_target: str, model_id: str) -> None:
+    """Encode a real sentence with the served LM, then stream its progressive decode."""
+    from progsae.clients.client import Client
+
+    with Client(grpc_target) as client:
+        enc = client.encode_text(DEMO_TEXT, model=model_id)
+        print(f"\n== stream a real sentence through gRPC ({len(enc.tokens)} tokens, model {model_id})")
+        print(f"   text: {DEMO_TEXT!r}")
+        print(f"   {'G':>6} {'mean L0':>8} {'FVU':>8} {'server ms':>10}")
+        stream = client.stream(enc.activations, model=model_id)
+        for rung in stream:
+            fvu = f"{rung.fvu:8.4f}" if rung.fvu is not None else "       -"
+            print(f"   {rung.g:6d} {rung.mean_l0:8.2f} {fvu} {rung.elapsed_ms:10.1f}", flush=True)
+        print(f"   stopped: {stream.result.stop_reason}")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = DemoConfig(out=args.out)
+    mat, topk = build(cfg)
+    if args.no_serve:
+        return 0
+    from progsae.server import launch
+    from progsae.server.cli import roots_and_ids
+    from progsae.server.config import AppConfig
+
+    root, ids = roots_and_ids([str(mat), f"{topk}"])
+    print(f"\n== serve both checkpoints (Ray Serve, gRPC :{args.grpc_port}, HTTP :{args.http_port})")
+    print(f"$ progsae serve {mat} {topk} --grpc-port {args.grpc_port} --http-port {args.http_port}", flush=True)
+    app = AppConfig(checkpoint_root=str(root), models=tuple(ids), text=True)
+    addrs = launch.start(app, launch.LocalCluster(grpc_port=args.grpc_port, http_port=args.http_port))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stream_example(addrs["grpc"], ids[0])
+        print(f"\ngRPC      {addrs['grpc']}   (try: progsae client --target {addrs['grpc']} models)")
+        print(f"dashboard {addrs['http']}/   (type text, watch features refine as G climbs)")
+        if not args.no_wait:
+            print("serving; Ctrl-C stops", flush=True)
+            while not stop.wait(1.0):
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        launch.stop()
     return 0

@@ -28,6 +28,10 @@ def build(out: Path = HERE) -> list[Path]:
     for f in written:
         src = f.read_text()
         fixed = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", src, flags=re.M)
+        # Message classes must name their real module (progsae.proto.x_pb2), or pickling them
+        # (Ray Serve ships requests between processes) looks for a top-level `x_pb2`.
+        fixed = re.sub(r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '\w+', _globals\)",
+                       "BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)", fixed)
         if fixed != src:
             f.write_text(fixed)
     return written

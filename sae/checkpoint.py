@@ -104,12 +104,19 @@ def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return st_save(tensors, metadata={"progsae_sha256": _tensor_digest(tensors)})
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write a file via temp + fsync + rename: readers see the old or the new file, whole."""
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from other users
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -164,6 +171,7 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        tmp.chmod(0o777 & ~_umask())
         (tmp / WEIGHTS).write_bytes(_st_bytes(_weights(sae)))
         if orderings:
             (tmp / ORDERING).write_bytes(_st_bytes(_ordering_tensors(orderings)))

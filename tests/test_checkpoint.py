@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from progsae.sae import checkpoint as ck
-from progsae.sae import ordering as om
 from safetensors.torch import save_file
 
+from progsae.sae import checkpoint as ck
+from progsae.sae import ordering as om
 from tests.conftest import random_sae
 
 

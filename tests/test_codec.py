@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from progsae.sae.codec import Codes, check_ladder, default_ladder, l0, sparse_sum
 
+from progsae.sae.codec import Codes, check_ladder, default_ladder, l0, sparse_sum
 from tests.conftest import random_sae
 
 dims = st.tuples(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from progsae.sae import ordering as om
 from progsae.sae.codec import Codes
-
 from tests.conftest import random_sae
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from progsae.sae.checkpoint import atomic_write
 
 FORMAT = "progsae-acts/1"
@@ -123,11 +124,15 @@ def _sha256(path: Path) -> str:
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a signal leaves no half-written file
+        raise
 
 
 class CacheWriter:

@@ -1,0 +1,128 @@
+"""progsae vs SAELens TopK on a real activation cache: training tokens/s and held-out FVU at each G.
+
+    /tmp/sl-venv/bin/python bench/bench_train_saelens_fvu.py --train acts/smollm2-l15-train \\
+        --heldout acts/smollm2-l15-heldout --batch 1024 --lr 2e-3 --threads 2
+
+(side venv as in bench_train_saelens.py). Both SAEs see the same normalised batches in the
+same order (ActivationCache.batches with the seed, x * c with our scalar c), the same lr
+schedule (TrainConfig.lr_at), AuxK coefficient 1/32 and dead window. Ours is trained by
+`progsae.trainer.train.train` (TopK). SAELens' TopKTrainingSAE is stepped like
+SAETrainer._train_step, then its decoder norms are folded (its `fold_W_dec_norm`) and its
+weights wrapped in progsae's codec to decode at every G in latent index order (unsorted)
+and in E[a^2] order computed on the held-out set (an upper bound for the sorted variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from progsae.sae import checkpoint
+from progsae.sae.codec import SAE
+from progsae.sae.metrics import FVUAccumulator
+from progsae.sae.ordering import ImportanceAccumulator, apply
+from progsae.trainer.activations import ActivationCache
+from progsae.trainer.config import TrainConfig
+from progsae.trainer.dead_latents import DeadTracker
+from progsae.trainer.sae_init import norm_scale
+from progsae.trainer.train import _plan, train
+
+
+def fvu_ladder(sae: SAE, held: ActivationCache, ladder: tuple[int, ...], batch: int = 4096) -> list[float]:
+    accs = [FVUAccumulator() for _ in ladder]
+    with torch.inference_mode():
+        for x in held.batches(batch):
+            for acc, rung in zip(accs, sae.progressive(sae.encode(x), ladder)):
+                acc.update(x, rung.recon)
+    return [a.value() for a in accs]
+
+
+def sorted_by_mean_sq(sae: SAE, held: ActivationCache) -> SAE:
+    acc = ImportanceAccumulator(sae)
+    with torch.inference_mode():
+        for x in held.batches(4096):
+            acc.update(sae.encode(x))
+    return apply(sae, acc.ordering("mean_sq"))
+
+
+def train_saelens(cfg: TrainConfig, cache: ActivationCache, scale: float) -> tuple[SAE, float]:
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    sl = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cache.d_model, d_sae=cfg.d_sae, k=cfg.k, dtype="float32",
+                                               device="cpu", aux_loss_coefficient=cfg.auxk_coef))
+    opt = torch.optim.Adam(sl.parameters(), lr=cfg.base_lr())
+    steps, epochs = _plan(cfg, len(cache))
+    tracker = DeadTracker(cfg.d_sae, cfg.dead_window(steps * cfg.batch_size))
+    t0 = time.perf_counter()
+    for step, x in enumerate(cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epochs=epochs)):
+        if step >= steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step, steps)
+        out = sl.training_forward_pass(TrainStepInput(
+            sae_in=x * scale, coefficients={}, dead_neuron_mask=tracker.dead_mask(), n_training_steps=step,
+            is_logging_step=False))
+        idx = out.feature_acts.nonzero()
+        tracker.since_fired += x.shape[0]
+        tracker.since_fired[idx[:, 1].unique()] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sl.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    tok_s = steps * cfg.batch_size / (time.perf_counter() - t0)
+    sl.fold_W_dec_norm()
+    w = {n: getattr(sl, n).detach().clone() for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    return SAE(**w, k=cfg.k, scale=scale), tok_s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", required=True)
+    p.add_argument("--heldout", required=True)
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--granularities", default="256,512,1024,2048,4096")
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--tokens", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ladder = tuple(int(g) for g in args.granularities.split(","))
+    cfg = TrainConfig(arch="topk", d_sae=args.d_sae, k=args.k, granularities=ladder, batch_size=args.batch,
+                      lr=args.lr, tokens=args.tokens, seed=args.seed)
+    cache, held = ActivationCache(args.train), ActivationCache(args.heldout)
+    for key in ("model", "layer", "d_model"):
+        if getattr(cache.manifest, key) != getattr(held.manifest, key):
+            raise SystemExit(f"--train and --heldout differ in {key}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = checkpoint.load(train(cfg, args.train, f"{tmp}/ours", progress=False))
+    ours, ours_tps = ck.sae, ck.meta.extra["tokens_per_s"]
+    scale = norm_scale(cache.sample(cfg.init_samples, seed=cfg.seed))
+    theirs, their_tps = train_saelens(cfg, cache, scale)
+    res = {
+        "tokens": ck.meta.training_tokens, "ladder": list(ladder),
+        "tokens_per_s": {"progsae": ours_tps, "sae-lens": their_tps},
+        "fvu_unsorted": {"progsae": fvu_ladder(ours, held, ladder), "sae-lens": fvu_ladder(theirs, held, ladder)},
+        "fvu_mean_sq_sorted_on_heldout": {"progsae": fvu_ladder(sorted_by_mean_sq(ours, held), held, ladder),
+                                          "sae-lens": fvu_ladder(sorted_by_mean_sq(theirs, held), held, ladder)},
+    }
+    print(json.dumps(res, indent=1))
+    print(f"\n| G | {' | '.join(f'{v} {s}' for v in ('unsorted', 'E[a^2]-sorted') for s in ('progsae', 'sae-lens'))} |")
+    print("|---:|---:|---:|---:|---:|")
+    for i, g in enumerate(ladder):
+        cells = [res[key][s][i] for key in ("fvu_unsorted", "fvu_mean_sq_sorted_on_heldout")
+                 for s in ("progsae", "sae-lens")]
+        print(f"| {g} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    print(f"\ntokens/s: progsae {ours_tps:,.0f}, sae-lens {their_tps:,.0f} ({ours_tps / their_tps:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

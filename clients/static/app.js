@@ -1,0 +1,426 @@
+// progsae dashboard: text -> tokens -> each token's features, refined rung by rung (POST /api/stream, SSE).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  models: [],          // /api/models entries
+  overview: null,      // /api/overview
+  controller: null,    // AbortController of the running streams
+  live: {},            // model_id -> [{g, fvu}] of the last stream (chart markers)
+  limits: {},
+};
+const PALETTE = ["#3056d3", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c7cfa"];
+const STOP_TEXT = {
+  LADDER_DONE: "reached the top of the ladder",
+  MAX_GRANULARITY: "max G reached",
+  DEADLINE: "deadline reached",
+  TARGET_FVU: "target FVU reached",
+  CANCELLED: "cancelled",
+};
+const FEATS_SHOWN = 3;
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const kid of kids.flat()) if (kid !== null && kid !== undefined) e.append(kid);
+  return e;
+}
+
+function hue(latent) { return (Math.imul(latent + 1, 2654435761) >>> 0) % 360; }
+function fmt(v, d = 3) { return v === null || v === undefined ? "–" : (+v).toFixed(d); }
+function pct(v) { return v >= 0.01 ? (100 * v).toFixed(2) + "%" : (100 * v).toPrecision(2) + "%"; }
+function showToken(t) { return t.replace(/\n/g, "⏎").replace(/ /g, "\u00a0") || "∅"; }
+
+// --- errors -----------------------------------------------------------------------------------
+
+function showError(msg) {
+  const box = $("error");
+  box.textContent = msg;
+  box.hidden = false;
+}
+function clearError() { $("error").hidden = true; $("error").textContent = ""; }
+function unreachable(e) {
+  return `Cannot reach the progsae server (${e.message || e}). Is it running? Start it with \`progsae serve\`.`;
+}
+
+async function getJSON(url) {
+  let resp;
+  try { resp = await fetch(url); } catch (e) { throw new Error(unreachable(e)); }
+  const body = await resp.json().catch(() => null);
+  if (!resp.ok) throw new Error(body && body.message ? body.message : `HTTP ${resp.status} from ${url}`);
+  return body;
+}
+
+// --- models and budget controls ---------------------------------------------------------------
+
+function modelLabel(m) {
+  const text = m.text_available ? "" : " · no text";
+  return `${m.model_id} (${m.architecture}, M=${m.d_sae}, k=${m.k}${text})`;
+}
+
+function fillModels() {
+  const params = new URLSearchParams(location.search);
+  for (const id of ["model-a", "model-b"]) {
+    const sel = $(id);
+    sel.replaceChildren(...state.models.map((m) => el("option", { value: m.model_id }, modelLabel(m))));
+  }
+  const withText = state.models.filter((m) => m.text_available);
+  const mat = withText.find((m) => m.architecture === "matryoshka");
+  const a = params.get("model") || (mat || withText[0] || state.models[0] || {}).model_id;
+  if (a && !state.models.some((m) => m.model_id === a)) {
+    $("model-a").append(el("option", { value: a }, `${a} (not served)`));
+  }
+  if (a) $("model-a").value = a;
+  const aName = (a || "").split("@")[0];
+  const b = withText.find((m) => m.architecture === "topk" && m.ordering !== "none" && !m.model_id.startsWith(aName + "@"))
+    || withText.find((m) => !m.model_id.startsWith(aName + "@")) || state.models[0];
+  if (b) $("model-b").value = b.model_id;
+  if (params.get("text")) $("text").value = params.get("text");
+  if (params.get("side") === "1") $("side-by-side").checked = true;
+  $("model-b").disabled = !$("side-by-side").checked;
+  updateLadder();
+}
+
+function selectedModels() {
+  const ids = [$("model-a").value];
+  if ($("side-by-side").checked && $("model-b").value) ids.push($("model-b").value);
+  return ids;
+}
+
+function ladderOf(id) {
+  const m = state.models.find((x) => x.model_id === id);
+  return m ? m.ladder : [];
+}
+
+function updateLadder() {
+  // Max G slides over the union of the selected models' ladders; the top position means "no limit".
+  const gs = [...new Set(selectedModels().flatMap(ladderOf))].sort((a, b) => a - b);
+  const slider = $("max-g");
+  const atTop = +slider.value >= +slider.max;
+  slider.dataset.ladder = JSON.stringify(gs);
+  slider.max = Math.max(1, gs.length);
+  if (atTop || +slider.value > gs.length) slider.value = slider.max;
+  showMaxG();
+}
+
+function maxG() {
+  const gs = JSON.parse($("max-g").dataset.ladder || "[]");
+  const i = +$("max-g").value;
+  return !gs.length || i >= gs.length ? null : gs[i - 1];
+}
+
+function showMaxG() {
+  const g = maxG();
+  $("max-g-label").textContent = g === null ? "full ladder" : `G ≤ ${g}`;
+}
+
+function budget() {
+  const out = {};
+  const d = $("deadline").value.trim(), t = $("target-fvu").value.trim();
+  if (d) out.deadline_ms = Math.max(1, Math.round(+d));
+  if (t) out.target_fvu = +t;
+  const g = maxG();
+  if (g !== null) out.max_granularity = g;
+  return out;
+}
+
+// --- streaming --------------------------------------------------------------------------------
+
+async function* sseEvents(resp) {
+  const reader = resp.body.getReader();
+  const dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += dec.decode(value, { stream: true });
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const chunk = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      let event = "message", data = "";
+      for (const line of chunk.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      yield { event, data: data ? JSON.parse(data) : null };
+    }
+  }
+}
+
+function colorOf(modelId) {
+  const i = state.overview ? state.overview.checkpoints.findIndex((ck) => ck.name === modelId.split("@")[0]) : 0;
+  return PALETTE[Math.max(0, i) % PALETTE.length];
+}
+
+function streamPanel(modelId) {
+  const info = state.models.find((m) => m.model_id === modelId);
+  const color = colorOf(modelId);
+  const stat = (name, label) => el("div", { class: "stat" }, el("span", {}, label), el("b", { class: name }, "–"));
+  return el("div", { class: "panel stream", style: `--c:${color}`, dataset: { model: modelId, state: "starting", rungs: "0" } },
+    el("div", { class: "panel-head" },
+      el("h2", {}, el("span", { class: "swatch", style: `background:${color}` }), modelId),
+      el("span", { class: "badge" }, info ? `${info.architecture} · M=${info.d_sae} · k=${info.k}` : "unknown model")),
+    el("div", { class: "ladder" }),
+    el("div", { class: "stats" }, stat("rungcount", "rung"), stat("g", "G"), stat("l0", "mean L0"),
+      stat("fvu", "FVU"), stat("ms", "elapsed ms"), stat("stop", "stopped")),
+    el("div", { class: "tokens" }, el("span", { class: "muted" }, "running the language model…")));
+}
+
+function renderHeader(panel, h) {
+  // the model's whole ladder, so a budget that stops early leaves the upper rungs visibly unreached
+  const full = ladderOf(panel.dataset.model);
+  const ladder = full.length && full[full.length - 1] >= h.ladder[h.ladder.length - 1] ? full : h.ladder;
+  panel.dataset.ladderSize = ladder.length;
+  panel.querySelector(".ladder").replaceChildren(
+    ...ladder.map((g) => el("span", { class: "rung", dataset: { g } }, g)));
+  const toks = (h.tokens || Array.from({ length: h.n_tokens }, (_, i) => `#${i}`));
+  panel._feats = toks.map(() => new Map());
+  panel.querySelector(".tokens").replaceChildren(...toks.map((t, i) =>
+    el("div", { class: "tok", dataset: { i } },
+      el("div", { class: "tok-text", title: JSON.stringify(t) }, showToken(t)),
+      el("div", { class: "l0bar" }, el("span")),
+      el("div", { class: "feats" }))));
+}
+
+function renderRung(panel, r, modelId) {
+  const n = +panel.dataset.rungs + 1;
+  panel.dataset.rungs = n;
+  panel.dataset.g = r.g;
+  const size = +panel.dataset.ladderSize || n;
+  panel.querySelector(".rungcount").textContent = `${n} / ${size}`;
+  panel.querySelector(".g").textContent = r.g;
+  panel.querySelector(".l0").textContent = fmt(r.mean_l0, 2);
+  panel.querySelector(".fvu").textContent = fmt(r.fvu, 4);
+  panel.querySelector(".ms").textContent = fmt(r.elapsed_ms, 1);
+  panel.querySelectorAll(".ladder .rung").forEach((c) => {
+    if (+c.dataset.g <= r.g) c.classList.add("reached");
+  });
+  if (r.fvu !== null) (state.live[modelId] = state.live[modelId] || []).push({ x: r.g, y: r.fvu });
+  const maxL0 = Math.max(1, ...r.l0);
+  panel.querySelectorAll(".tok").forEach((tokEl, i) => {
+    const feats = panel._feats[i];
+    const fresh = new Set();
+    for (const [lat, v] of r.features[i] || []) { feats.set(lat, v); fresh.add(lat); }
+    const top = [...feats.entries()].sort((a, b) => b[1] - a[1]);
+    tokEl.querySelector(".feats").replaceChildren(...top.slice(0, FEATS_SHOWN).map(([lat, v]) =>
+      el("button", {
+        class: "feat" + (fresh.has(lat) ? " new" : ""), dataset: { latent: lat },
+        style: `--h:${hue(lat)}`, title: `latent ${lat}: ${v.toFixed(3)} (first active at G=${r.g} or below)`,
+        onclick: () => openCard(modelId, lat),
+      }, el("span", { class: "idx" }, lat), el("span", { class: "val" }, v.toFixed(2)))));
+    tokEl.title = top.length ? top.map(([l, v]) => `${l}: ${v.toFixed(3)}`).join("\n") : "no active latent yet";
+    tokEl.querySelector(".l0bar span").style.width = `${(100 * (r.l0[i] || 0)) / maxL0}%`;
+  });
+}
+
+function renderEnd(panel, e) {
+  panel.dataset.state = "done";
+  panel.dataset.stop = e.stop_reason;
+  const size = +panel.dataset.ladderSize || e.rungs;
+  const stop = panel.querySelector(".stop");
+  stop.textContent = STOP_TEXT[e.stop_reason] || e.stop_reason.toLowerCase().replace(/_/g, " ");
+  stop.className = "stop " + (e.rungs >= size ? "full" : "early");
+  panel.querySelector(".ms").textContent = fmt(e.elapsed_ms, 1);
+  if (!e.rungs) panel.querySelector(".rungcount").textContent = `0 / ${size}`;
+}
+
+async function streamOne(modelId, panel, text, signal) {
+  let resp;
+  try {
+    resp = await fetch("/api/stream", {
+      method: "POST", headers: { "Content-Type": "application/json" }, signal,
+      body: JSON.stringify({ model_id: modelId, text, budget: budget(), top: 8 }),
+    });
+  } catch (e) {
+    if (signal.aborted) return;
+    throw new Error(unreachable(e));
+  }
+  if (!resp.ok) {
+    const body = await resp.json().catch(() => null);
+    throw new Error(body && body.message ? body.message : `HTTP ${resp.status}`);
+  }
+  state.live[modelId] = [];
+  panel.dataset.state = "streaming";
+  try {
+    for await (const ev of sseEvents(resp)) {
+      if (ev.event === "header") renderHeader(panel, ev.data);
+      else if (ev.event === "rung") renderRung(panel, ev.data, modelId);
+      else if (ev.event === "end") renderEnd(panel, ev.data);
+      else if (ev.event === "error") throw new Error(`${modelId}: ${ev.data.message}`);
+    }
+  } catch (e) {
+    if (signal.aborted) return;
+    if (e instanceof TypeError) throw new Error(unreachable(e));
+    throw e;
+  }
+  if (panel.dataset.state === "streaming") throw new Error(`${modelId}: the stream ended without an end message`);
+}
+
+async function run() {
+  clearError();
+  const text = $("text").value;
+  if (!text.trim()) { showError("The text is empty: type a sentence to encode."); return; }
+  const max = state.limits.max_text_chars;
+  if (max && text.length > max) {
+    showError(`The text is too long: ${text.length} characters, the server accepts at most ${max}.`);
+    return;
+  }
+  if (state.controller) state.controller.abort();
+  const ctl = (state.controller = new AbortController());
+  const ids = selectedModels();
+  const panels = ids.map((id) => streamPanel(id));
+  $("streams").replaceChildren(...panels);
+  $("streams").classList.toggle("two", ids.length > 1);
+  document.body.dataset.running = "1";
+  const results = await Promise.allSettled(ids.map((id, i) => streamOne(id, panels[i], text, ctl.signal)));
+  if (ctl !== state.controller) return;
+  const errors = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
+  results.forEach((r, i) => {
+    if (r.status === "rejected") {
+      panels[i].dataset.state = "error";
+      panels[i].querySelector(".tokens").replaceChildren(el("span", { class: "muted" }, "no result"));
+    }
+  });
+  if (errors.length) showError([...new Set(errors)].join("\n"));
+  delete document.body.dataset.running;
+  drawCurves();
+}
+
+// --- feature card -----------------------------------------------------------------------------
+
+async function openCard(modelId, latent) {
+  const card = $("card"), body = $("card-body");
+  card.hidden = false;
+  card.dataset.state = "loading";
+  $("card-title").textContent = `Latent ${latent}`;
+  body.replaceChildren(el("p", { class: "muted" }, "loading…"));
+  let c;
+  try {
+    c = await getJSON(`/api/feature?model_id=${encodeURIComponent(modelId)}&latent=${latent}`);
+  } catch (e) {
+    card.dataset.state = "error";
+    body.replaceChildren(el("p", { class: "error inline" }, e.message));
+    return;
+  }
+  card.dataset.state = "ready";
+  card.dataset.latent = latent;
+  $("card-title").replaceChildren(`Latent ${c.served_index}`, el("span", { class: "badge" }, c.model_id),
+    c.ordering !== "none" ? el("span", { class: "muted small" }, ` trained index ${c.latent}`) : "");
+  const stats = el("div", { class: "stats" },
+    ...[["density", pct(c.density)], ["mean act", fmt(c.mean)], ["max act", fmt(c.max)],
+      ["corpus tokens", (c.tokens || 0).toLocaleString()]].map(([k, v]) =>
+      el("div", { class: "stat" }, el("span", {}, k), el("b", {}, v))));
+  const contexts = c.contexts.length ? c.contexts.map((ctx) => {
+    const peak = Math.max(1e-9, ...ctx.acts);
+    return el("div", { class: "ctx" }, el("span", { class: "ctx-val" }, ctx.value.toFixed(2)),
+      el("span", { class: "ctx-text" }, ...ctx.tokens.map((t, j) => el("span", {
+        class: "ctok" + (j === ctx.peak ? " peak" : ""), title: `${ctx.acts[j].toFixed(3)}`,
+        style: `--a:${Math.max(0, ctx.acts[j]) / peak}`,
+      }, t.replace(/\n/g, "⏎ ")))));
+  }) : [el("p", { class: "muted" }, "never fired on the corpus sample")];
+  const promoted = c.promoted.length
+    ? el("div", { class: "promoted" }, ...c.promoted.map((p) =>
+      el("span", { class: "ptok", title: `logit ${p.logit}` }, showToken(p.token))))
+    : el("p", { class: "muted" }, "no logit lens was computed for these cards");
+  body.replaceChildren(
+    c.stale ? el("p", { class: "error inline" }, "These cards predate the current weights: rerun progsae features.") : "",
+    stats, el("h3", {}, "Top activating contexts"), el("div", { class: "contexts" }, ...contexts),
+    el("h3", {}, "Promoted output tokens (logit lens)"), promoted);
+  card.scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+// --- chart ------------------------------------------------------------------------------------
+
+const METRICS = { fvu: "FVU", ce_recovered: "CE loss recovered", l0: "L0" };
+
+function orderingLabel(arch, o) {
+  if (o === "none") return arch === "matryoshka" ? "Matryoshka (trained order)" : "unsorted";
+  return { mean_sq: "sorted by E[a²]", freq: "sorted by frequency" }[o] || o;
+}
+
+function drawCurves() {
+  const ov = state.overview;
+  if (!ov) return;
+  const metric = $("chart-metric").value || "fvu";
+  const dashes = { none: "", mean_sq: "6 3", freq: "2 3" };
+  const series = [];
+  ov.checkpoints.forEach((ck, i) => {
+    for (const [o, rungs] of Object.entries(ck.curves)) {
+      const points = rungs.filter((r) => r[metric] !== null && r[metric] !== undefined).map((r) => ({ x: r.g, y: r[metric] }));
+      if (points.length) {
+        series.push({ label: `${ck.name} · ${orderingLabel(ck.architecture, o)}`, color: PALETTE[i % PALETTE.length],
+          dash: o in dashes ? dashes[o] : "4 2 1 2", points });
+      }
+    }
+  });
+  const markers = [];
+  if (metric === "fvu") {
+    for (const [id, pts] of Object.entries(state.live)) {
+      for (const p of pts) markers.push({ ...p, color: colorOf(id), label: `${id} (your text)` });
+    }
+  }
+  const drawn = window.progsaeChart.drawChart($("chart"), series, {
+    yLabel: METRICS[metric], yMin: metric === "l0" ? 0 : undefined, markers,
+  });
+  $("chart-empty").hidden = drawn;
+  $("chart").dataset.series = series.length;
+  const NS = "http://www.w3.org/2000/svg";
+  $("chart-legend").replaceChildren(...series.map((s) => {
+    const svg = document.createElementNS(NS, "svg"), line = document.createElementNS(NS, "line");
+    Object.entries({ width: 26, height: 8 }).forEach(([k, v]) => svg.setAttribute(k, v));
+    Object.entries({ x1: 0, x2: 26, y1: 4, y2: 4, stroke: s.color, "stroke-width": 2.5,
+      "stroke-dasharray": s.dash }).forEach(([k, v]) => line.setAttribute(k, v));
+    svg.append(line);
+    return el("span", { class: "key" }, svg, s.label);
+  }));
+  if (markers.length) {
+    $("chart-legend").append(el("span", { class: "key" }, el("span", { class: "marker-key" }), "your text (live stream)"));
+  }
+}
+
+function fillMetrics() {
+  const have = new Set(state.overview.checkpoints.flatMap((ck) =>
+    Object.values(ck.curves).flatMap((rs) => rs.flatMap((r) => Object.keys(METRICS).filter((k) => r[k] !== null && r[k] !== undefined)))));
+  const keys = Object.keys(METRICS).filter((k) => have.has(k));
+  $("chart-metric").replaceChildren(...(keys.length ? keys : ["fvu"]).map((k) => el("option", { value: k }, METRICS[k])));
+}
+
+// --- start ------------------------------------------------------------------------------------
+
+async function init() {
+  try {
+    const [models, overview] = await Promise.all([getJSON("/api/models"), getJSON("/api/overview")]);
+    state.models = models.models;
+    state.overview = overview;
+    state.limits = overview.limits || {};
+    $("server-status").textContent = `● connected · ${state.models.length} served models`;
+    $("server-status").classList.add("ok");
+  } catch (e) {
+    $("server-status").textContent = "● offline";
+    $("server-status").classList.add("down");
+    showError(e.message);
+    return;
+  }
+  fillModels();
+  fillMetrics();
+  drawCurves();
+  document.body.dataset.ready = "1";
+  if (new URLSearchParams(location.search).get("run") === "1") run();
+}
+
+$("run").addEventListener("click", run);
+$("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
+$("side-by-side").addEventListener("change", () => { $("model-b").disabled = !$("side-by-side").checked; updateLadder(); });
+$("model-a").addEventListener("change", updateLadder);
+$("model-b").addEventListener("change", updateLadder);
+$("max-g").addEventListener("input", showMaxG);
+$("max-g").addEventListener("change", () => { if ($("streams").children.length) run(); });
+$("chart-metric").addEventListener("change", drawCurves);
+$("card-close").addEventListener("click", () => { $("card").hidden = true; });
+init();

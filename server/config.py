@@ -1,0 +1,66 @@
+"""Configuration of the Ray Serve application (the `args` of deploy/serve_config.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .validate import Limits
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything `build_app` needs; every field can be set from serve_config.yaml `args`."""
+
+    checkpoint_root: str = "ckpt"
+    """Directory holding the checkpoints; model ids are paths under it."""
+    models: tuple[str, ...] = ()
+    """Checkpoint paths (relative to the root) to serve; empty = every checkpoint under the root."""
+    default_model: str = ""
+    """Model used when a request names none; empty = the first of `models`."""
+    max_batch_size: int = 16
+    """Most Encode requests merged into one dynamic batch (serve.batch)."""
+    batch_wait_timeout_s: float = 0.001
+    """How long a batch waits to fill before running (seconds); small keeps single-call latency low."""
+    limits: Limits = field(default_factory=Limits)
+    """Per-request size limits."""
+    codec_replicas: int = 1
+    """Initial replicas of the codec deployment (when autoscaling is off)."""
+    autoscaling: dict[str, Any] | None = None
+    """Ray Serve autoscaling_config of the codec deployment (min/max_replicas, target_ongoing_requests...)."""
+    max_ongoing_requests: int = 64
+    """Concurrent requests one codec replica accepts (streams included)."""
+    graceful_shutdown_timeout_s: float = 20.0
+    """How long a codec replica being stopped (downscale, redeploy) may finish its requests."""
+    replica_num_cpus: float = 0.0
+    """CPUs reserved per codec replica (0 lets replicas share a small machine)."""
+    text: bool = True
+    """Deploy the language-model deployment for EncodeText (loaded on first use)."""
+    lm_autoscaling: dict[str, Any] | None = None
+    """autoscaling_config of the language-model deployment."""
+    access_log: bool = False
+    """Ray Serve per-request access log lines of the codec (off: they cost CPU on every call)."""
+    device: str = "cpu"
+    """Where codec replicas keep their models: "cpu", "cuda", or "auto" (give replicas num_gpus too)."""
+    replica_num_gpus: float = 0.0
+    """GPUs reserved per codec replica (e.g. 0.25 to pack four replicas on a GPU)."""
+    torch_threads: int = 1
+    """torch threads per codec replica (Ray sets 1 by default for 0-CPU actors)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> AppConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown progsae app option(s): {', '.join(unknown)}")
+        if "limits" in d and isinstance(d["limits"], dict):
+            d["limits"] = Limits(**d["limits"])
+        if "models" in d:
+            d["models"] = tuple(d["models"] or ())
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["models"] = list(self.models)
+        return out

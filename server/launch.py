@@ -1,0 +1,70 @@
+"""Start the app on a local Ray instance (the embedded default of `progsae serve`, tests, bench)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .config import AppConfig
+
+APP_NAME = "progsae"
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    """How the local Ray instance and Serve's proxies are started."""
+
+    grpc_port: int = 9000
+    """Port of Serve's gRPC proxy."""
+    http_port: int = 8000
+    """Port of Serve's HTTP proxy."""
+    host: str = "127.0.0.1"
+    """Address both proxies bind (0.0.0.0 to accept remote clients)."""
+    num_cpus: int = 2
+    """CPUs given to the local Ray instance."""
+    metrics_port: int | None = None
+    """Port of Ray's Prometheus endpoint (None: Ray picks one)."""
+    request_timeout_s: float | None = None
+    """End-to-end timeout Serve's proxies apply to each request."""
+    access_log: bool = False
+    """Per-request access log lines of Serve's proxies."""
+
+
+def start(app: AppConfig, cluster: LocalCluster | None = None) -> dict[str, str]:
+    """ray.init + serve.start + serve.run; returns the addresses (grpc, http, metrics)."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from .app import GRPC_SERVICER_FUNCTIONS, build_app
+
+    cluster = cluster or LocalCluster()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        kwargs = {"num_cpus": cluster.num_cpus, "include_dashboard": False, "log_to_driver": False,
+                  "configure_logging": False}
+        if cluster.metrics_port is not None:
+            kwargs["_metrics_export_port"] = cluster.metrics_port
+        ray.init(**kwargs)
+    serve.start(
+        http_options=HTTPOptions(host=cluster.host, port=cluster.http_port),
+        grpc_options=gRPCOptions(port=cluster.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
+                                 request_timeout_s=cluster.request_timeout_s),
+        logging_config={"enable_access_log": cluster.access_log},
+    )
+    serve.run(build_app(app.to_dict()), name=APP_NAME, route_prefix="/")
+    return {
+        "grpc": f"{cluster.host}:{cluster.grpc_port}",
+        "http": f"http://{cluster.host}:{cluster.http_port}",
+        "metrics": f"http://127.0.0.1:{cluster.metrics_port}/metrics" if cluster.metrics_port else "",
+    }
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

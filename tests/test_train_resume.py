@@ -1,0 +1,173 @@
+"""Training end to end on tiny synthetic caches: checkpoint contents, kill -9 resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from progsae import cli
+from progsae.sae import checkpoint
+from progsae.trainer.activations import CacheWriter, Manifest
+from progsae.trainer.config import TrainConfig
+from progsae.trainer.train import train
+from progsae.trainer.train_state import state_dir
+
+D = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a thread pool only adds synchronisation cost on a loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_cache(path: Path, d: int = D, n: int = 1200, model: str = "synthetic", seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    dirs = rng.normal(size=(48, d))
+    w = CacheWriter(path, Manifest(model=model, layer=3, d_model=d, corpus=["synthetic"], split="train",
+                                   context=9, target_tokens=n))
+    for _ in range(3):
+        codes = rng.exponential(size=(n // 3, 48)) * (rng.random((n // 3, 48)) < 0.1)
+        w.add_shard((3.0 + codes @ dirs).astype(np.float32))
+    w.finish()
+    return path
+
+
+def tiny(arch: str = "matryoshka", **kw) -> TrainConfig:
+    base = dict(arch=arch, d_sae=32, k=4, granularities=(4, 8, 16, 32), batch_size=32, seed=3,
+                checkpoint_every=5, log_every=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    ck = checkpoint.load(path)
+    return {"W_enc": ck.sae.W_enc, "W_dec": ck.sae.W_dec, "b_enc": ck.sae.b_enc, "b_dec": ck.sae.b_dec}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return make_cache(tmp_path_factory.mktemp("acts") / "train")
+
+
+@pytest.mark.parametrize("arch", ["matryoshka", "topk"])
+def test_train_writes_checkpoint(cache, tmp_path, arch):
+    out = train(tiny(arch), cache, tmp_path / "ck", progress=False)
+    ck = checkpoint.load(out)
+    m = ck.meta
+    assert (m.architecture, m.d_in, m.d_sae, m.k) == (arch, D, 32, 4)
+    assert m.granularities == (4, 8, 16, 32) and m.model == "synthetic" and m.layer == 3
+    assert m.training_tokens == (1200 // 32) * 32 and m.scale > 0
+    assert m.extra["train_config"]["arch"] == arch and m.extra["outlier_policy"]["factor"] == 10.0
+    assert m.extra["tokens_per_s"] > 0 and m.extra["dead_window_tokens"] == 118
+    torch.testing.assert_close(ck.sae.W_dec.norm(dim=1) * m.scale, torch.ones(32), rtol=1e-4, atol=1e-4)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30, 35, 37]
+    assert {"step", "tokens", "loss", "fvu", "l0", "dead_frac", "tokens_per_s"} <= log[0].keys()
+    assert log[-1]["fvu"] < 1.0 and log[-1]["l0"] <= 4
+    assert not state_dir(out).exists()
+    # decoding through the saved checkpoint reproduces the logged scale: FVU well below 1
+    assert ("fvu_rungs" in log[0]) == (arch == "matryoshka")
+
+
+def test_interrupted_run_resumes_to_identical_weights(cache, tmp_path):
+    ref = train(tiny(), cache, tmp_path / "ref", progress=False)
+    out = tmp_path / "res"
+    train(tiny(), cache, out, progress=False, max_steps=12)  # stops after step 12, state at 12
+    assert state_dir(out).exists() and not out.exists()
+    train(tiny(), cache, out, progress=False)
+    for name, t in weights(ref).items():
+        assert torch.equal(t, weights(out)[name]), name
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 37]
+
+
+def _cmd(cache: Path, out: Path, tokens: int) -> list[str]:
+    return [sys.executable, "-m", "progsae.cli", "train", "--activations", str(cache), "--arch", "matryoshka",
+            "--d-sae", "32", "--k", "4", "--granularities", "4,8,16,32", "--out", str(out), "--batch-size", "32",
+            "--tokens", str(tokens), "--seed", "3", "--checkpoint-every", "20", "--log-every", "10",
+            "--threads", "1", "--no-progress"]
+
+
+def test_kill_9_and_rerun_gives_same_weights(cache, tmp_path):
+    tokens = 32 * 600
+    out = tmp_path / "killed"
+    ref = train(tiny(tokens=tokens, checkpoint_every=20, log_every=10), cache, tmp_path / "ref", progress=False)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cmd(cache, out, tokens), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = state_dir(out) / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:  # kill once a few states are written
+        if log.is_file() and log.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert state_dir(out).exists() and not out.exists(), f"the run ended before it was killed: {err.decode()}"
+    subprocess.run(_cmd(cache, out, tokens), check=True, env=env, capture_output=True)
+    for name, t in weights(ref).items():
+        assert torch.equal(t, weights(out)[name]), name
+    assert not state_dir(out).exists()
+
+
+def _main(capsys, *argv: str) -> tuple[int, str]:
+    rc = cli.main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--d-sae", "16", "--granularities", "8,32"], "smaller than the largest granularity"),
+    (["--d-sae", "32", "--granularities", "16,8,32"], "strictly increasing"),
+    (["--d-sae", "32", "--k", "32"], "--k must be"),
+    (["--d-sae", "32", "--batch-size", "4096"], "fewer than one batch"),
+])
+def test_bad_input_one_line_nothing_written(cache, tmp_path, capsys, flags, msg):
+    out = tmp_path / "ck"
+    rc, err = _main(capsys, "train", "--activations", str(cache), "--out", str(out), "--k", "4", *flags)
+    assert rc == 2 and msg in err and err.count("\n") == 1, err
+    assert not out.exists() and not state_dir(out).exists()
+
+
+def test_resume_refuses_other_model_width_or_settings(cache, tmp_path, capsys):
+    out = tmp_path / "ck"
+    train(tiny(), cache, out, progress=False, max_steps=6)
+    other = make_cache(tmp_path / "other", model="another-lm")
+    wide = make_cache(tmp_path / "wide", d=12)
+    base = ["train", "--out", str(out), "--d-sae", "32", "--k", "4", "--granularities", "4,8,16,32",
+            "--batch-size", "32", "--seed", "3", "--checkpoint-every", "5", "--log-every", "5"]
+    for acts, extra, msg in [(other, [], "model='synthetic'"), (wide, [], "d_model=8"),
+                             (cache, ["--k", "5"], "other settings (k)")]:
+        before = sorted(p.name for p in state_dir(out).iterdir())
+        rc, err = _main(capsys, *base, "--activations", str(acts), *extra)
+        assert rc == 2 and msg in err and err.count("\n") == 1, err
+        assert sorted(p.name for p in state_dir(out).iterdir()) == before and not out.exists()
+
+
+def test_metrics_port_exposes_progress(cache, tmp_path):
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train(tiny("topk"), cache, tmp_path / "ck", progress=False, metrics_port=port)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["progsae_train_tokens"].value == 37 * 32
+    assert samples["progsae_train_tokens"].labels == {"arch": "topk"}
+    assert samples["progsae_train_target_tokens"].value == 37 * 32
+    assert 0 < samples["progsae_train_fvu"].value < 1.5 and samples["progsae_train_tokens_per_second"].value > 0

@@ -1,0 +1,220 @@
+"""The training forward pass: one top-k, incremental nested-prefix losses, AuxK.
+
+Everything runs in normalised scale (x already multiplied by the scalar c).
+
+Reconstruction loss (TopK and Matryoshka alike): for the ladder G_1 < ... < G_n = M with
+normalised weights w_j (TopK: the single rung M, w = 1)
+
+    loss = sum_j w_j * ||x - x_hat_{G_j}||^2 / ||x - mean_batch(x)||^2,
+
+i.e. a weighted sum of batch FVUs (SPEC §5's definition on one batch). All prefix
+reconstructions come from the one top-k: each token's codes are grouped by band
+[G_{j-1}, G_j) so that a single embedding_bag gives every band's partial decode, and a
+running sum over bands gives every x_hat_{G_j} (`_PrefixSSE`, in place, one pass per rung).
+
+AuxK (Gao et al. 2024, SPEC §3): the top-k_aux dead latents reconstruct the detached
+residual e = x - x_hat_M of the full reconstruction, decoded without b_dec, as a
+normalised MSE ||e_hat - e||^2 / ||e - mean_batch(e)||^2 (Gao's `normalized_mse`), scaled
+by `auxk_coef` (1/32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sparse_topk import Selection, decoder_grad, topk_encode
+
+
+class TrainableSAE(nn.Module):
+    """SAE parameters in SAELens layout, normalised scale, with unit-norm decoder rows."""
+
+    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None):
+        super().__init__()
+        W_dec = torch.randn(d_sae, d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @property
+    def d_in(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_dec.shape[0]
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project each decoder row's gradient onto the row's orthogonal complement."""
+        g, w = self.W_dec.grad, self.W_dec.data
+        if g is not None:
+            g -= ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)) * w
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+
+class Output(NamedTuple):
+    loss: Tensor
+    """Scalar training loss (reconstruction + auxk_coef * auxk)."""
+    fvus: Tensor
+    """[n] detached batch FVU at each loss rung."""
+    auxk: Tensor
+    """Detached AuxK normalised MSE (0 without dead latents)."""
+    sel: Selection
+    """The selected codes."""
+
+
+def _argsort_small(keys: Tensor) -> Tensor:
+    """Stable argsort of a 1-D tensor of small non-negative ints (numpy radix sort on CPU)."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(np.argsort(keys.numpy().astype(np.int8), kind="stable"))
+    return keys.sort(stable=True).indices
+
+
+def band_partials(W_dec: Tensor, sel: Selection, ladder: tuple[int, ...]) -> Tensor:
+    """[n, B, d]: partial decode of each band [G_{j-1}, G_j) of the ladder, in one embedding_bag.
+
+    Bags are (band, token) pairs, band-major: the flattened codes are stably sorted by band,
+    so bag j * B + t holds token t's codes in band j and each band's [B, d] block is
+    contiguous. W_dec's gradient is added sparsely from the selection's latent grouping
+    (decoder_grad) when it has one.
+    """
+    idx, vals = sel.indices, sel.values
+    b, k, n = idx.shape[0], idx.shape[1], len(ladder)
+    W = W_dec.detach() if sel.bags is not None else W_dec
+    token = torch.arange(b * k, device=idx.device) // k
+    if n == 1:
+        out, bag = F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"), token
+    else:
+        inner = torch.tensor(ladder[:-1], dtype=idx.dtype, device=idx.device)
+        band = torch.bucketize(idx, inner, right=True).reshape(-1)  # G_{j-1} <= i < G_j -> j
+        bag = band * b + token
+        order = _argsort_small(band)
+        offsets = torch.zeros(b * n, dtype=torch.long, device=idx.device)
+        offsets[1:] = torch.bincount(bag, minlength=b * n).cumsum(0)[:-1]
+        out = F.embedding_bag(idx.reshape(-1)[order], W, offsets,
+                              per_sample_weights=vals.reshape(-1)[order], mode="sum")
+    if sel.bags is not None:
+        out = decoder_grad(out, W_dec, bag, vals.reshape(-1), sel.bags)
+    return out.view(n, b, -1)
+
+
+CHUNK_ROWS = 256
+"""Rows per cache-resident block in the prefix loss (the n rungs of a block stay in L2/L3)."""
+
+
+class _PrefixSSE(torch.autograd.Function):
+    """sse_j = ||sum_{i<=j} partials[i] - target||^2 for every rung j: in place, block by block.
+
+    With r_j the signed residual, dL/dpartials[j] = sum_{i>=j} 2 g_i r_i: backward walks the
+    rungs from the last, one fused add per rung, and rebuilds r_{j-1} = r_j - partials[j]
+    instead of storing every r_j.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, target: Tensor, partials: Tensor) -> tuple[Tensor, Tensor]:
+        n, b = partials.shape[0], partials.shape[1]
+        r = torch.neg(target)
+        blocks = range(0, b, CHUNK_ROWS)
+        parts = target.new_empty(len(blocks), n)
+        for c, row in enumerate(blocks):
+            rc = r[row:row + CHUNK_ROWS]
+            flat = rc.view(-1)
+            for j in range(n):
+                rc.add_(partials[j, row:row + CHUNK_ROWS])
+                parts[c, j] = torch.dot(flat, flat)
+        ctx.save_for_backward(partials, r)
+        residual = torch.neg(r)
+        ctx.mark_non_differentiable(residual)
+        return parts.sum(0), residual
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _ge: Any):  # type: ignore[override]
+        partials, r_last = ctx.saved_tensors
+        n = partials.shape[0]
+        gs = [2 * float(v) for v in g]
+        grad_p = torch.empty_like(partials)
+        for row in range(0, r_last.shape[0], CHUNK_ROWS):
+            sl = slice(row, row + CHUNK_ROWS)
+            r = r_last[sl].clone() if n > 1 else r_last[sl]
+            torch.mul(r, gs[-1], out=grad_p[n - 1, sl])
+            for j in range(n - 2, -1, -1):
+                r.sub_(partials[j + 1, sl])
+                torch.add(grad_p[j + 1, sl], r, alpha=gs[j], out=grad_p[j, sl])
+        return torch.neg(grad_p[0]), grad_p
+
+
+def prefix_sse(target: Tensor, partials: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared errors [n] of target - cumsum(partials [n, B, d]) at every rung, and the last
+    residual [B, d] (detached)."""
+    return _PrefixSSE.apply(target.contiguous(), partials.contiguous())
+
+
+def naive_prefix_sse(x: Tensor, sae: TrainableSAE, sel: Selection, ladder: tuple[int, ...]) -> Tensor:
+    """Reference: decode each prefix from scratch (masking codes >= G); for tests."""
+    out = []
+    for g in ladder:
+        v = sel.values * (sel.indices < g)
+        x_hat = F.embedding_bag(sel.indices, sae.W_dec, per_sample_weights=v, mode="sum") + sae.b_dec
+        out.append((x - x_hat).square().sum())
+    return torch.stack(out)
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """sum ||x - mean_batch(x)||^2 (no gradient: a per-batch constant of the loss)."""
+    xc = (x - x.mean(0)).detach()
+    return torch.dot(xc.view(-1), xc.view(-1))
+
+
+def auxk_loss(W_dec: Tensor, sel: Selection, residual: Tensor) -> Tensor:
+    """Normalised MSE of the dead latents' decode (no b_dec) against the detached residual."""
+    if sel.aux_indices.shape[1] == 0:
+        return residual.new_zeros(())
+    e = residual.detach()
+    idx, vals = sel.aux_indices, sel.aux_values
+    if sel.aux_bags is None:
+        e_hat = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    else:
+        e_hat = F.embedding_bag(idx, W_dec.detach(), per_sample_weights=vals, mode="sum")
+        token = torch.arange(idx.numel(), device=idx.device) // idx.shape[1]
+        e_hat = decoder_grad(e_hat, W_dec, token, vals.reshape(-1), sel.aux_bags)
+    return ((e_hat - e).square().sum() / total_variance(e)).nan_to_num(0.0)
+
+
+def forward(sae: TrainableSAE, x: Tensor, k: int, ladder: tuple[int, ...], weights: Tensor,
+            dead: Tensor | None = None, k_aux: int = 0, auxk_coef: float = 1 / 32,
+            encode: Callable[..., Selection] = topk_encode) -> Output:
+    """Loss of one batch x [B, d_in] (normalised scale). `dead`: int64 ids of dead latents."""
+    x_in = x - sae.b_dec
+    sel = encode(x_in, sae.W_enc, sae.b_enc, k, dead, k_aux)
+    partials = band_partials(sae.W_dec, sel, ladder)
+    sse, residual = prefix_sse(x_in, partials)
+    fvus = sse / total_variance(x)
+    loss = (weights * fvus).sum()
+    aux = auxk_loss(sae.W_dec, sel, residual)
+    if sel.aux_indices.shape[1]:
+        loss = loss + auxk_coef * aux
+    return Output(loss, fvus.detach(), aux.detach(), sel)
+
+
+def optimizer_step(sae: TrainableSAE, opt: torch.optim.Optimizer, x: Tensor, k: int, ladder: tuple[int, ...],
+                   weights: Tensor, dead: Tensor | None = None, k_aux: int = 0, auxk_coef: float = 1 / 32,
+                   encode: Callable[..., Selection] = topk_encode) -> Output:
+    """forward, backward, parallel-gradient removal, Adam step, decoder renormalisation."""
+    out = forward(sae, x, k, ladder, weights, dead, k_aux, auxk_coef, encode)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalise_decoder()
+    return out

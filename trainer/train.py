@@ -1,0 +1,279 @@
+"""`progsae train`: TopK or Matryoshka SAE on an activation cache; resumable after kill -9.
+
+The run writing checkpoint OUT keeps its state in OUT.training/ (see train_state.py) and
+checkpoints it every `checkpoint_every` steps. Rerunning the same command resumes from the
+last state: data order (ActivationCache.batches with the seed, skipping done batches),
+parameters, Adam moments, dead-latent counters and RNG are restored, so the final weights
+equal those of an uninterrupted run. At the end OUT is written with checkpoint.save, the
+log is copied to OUT/train_log.jsonl and OUT.training/ is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from progsae.sae import checkpoint
+from progsae.sae.checkpoint import CheckpointMeta
+from progsae.sae.codec import SAE
+
+from . import train_state as ts
+from .activations import ActivationCache
+from .config import TrainConfig
+from .dead_latents import DeadTracker
+from .losses import TrainableSAE, optimizer_step
+from .sae_init import init_b_dec, norm_scale
+
+# Settings that may differ between a run and its resumption (they change no weights).
+RESUMABLE_KEYS = ("checkpoint_every", "log_every")
+
+
+def _prefetch(it: Iterator[torch.Tensor], depth: int = 2) -> Generator[torch.Tensor, None, None]:
+    """Read batches on a background thread (numpy gathers release the GIL)."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for x in it:
+                if not put(x):
+                    return
+        except BaseException as e:  # surfaced in the consumer
+            put(e)
+        put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (x := q.get()) is not done:
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+
+
+class _Metrics:
+    """Optional Prometheus endpoint: training progress (tokens, loss, FVU, dead fraction, tokens/s)."""
+
+    def __init__(self, port: int | None, arch: str, total_tokens: int):
+        self.gauges: dict[str, Any] = {}
+        if port is None:
+            return
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        reg = CollectorRegistry()
+        for name, doc in [("tokens", "Training tokens seen"), ("loss", "Training loss (last logged step)"),
+                          ("fvu", "Batch FVU of the full reconstruction"), ("dead_frac", "Dead latent fraction"),
+                          ("tokens_per_s", "Training throughput")]:
+            metric = "progsae_train_tokens_per_second" if name == "tokens_per_s" else f"progsae_train_{name}"
+            self.gauges[name] = Gauge(metric, doc, ["arch"], registry=reg).labels(arch)
+        Gauge("progsae_train_target_tokens", "Token budget", ["arch"], registry=reg).labels(arch).set(total_tokens)
+        start_http_server(port, registry=reg)
+
+    def update(self, rec: dict[str, Any]) -> None:
+        for name, g in self.gauges.items():
+            g.set(rec[name])
+
+
+def _plan(cfg: TrainConfig, n_rows: int) -> tuple[int, int]:
+    """(total optimiser steps, epochs over the cache) for the token budget."""
+    per_epoch = n_rows // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the cache holds {n_rows} usable tokens, fewer than one batch of {cfg.batch_size}")
+    steps = (cfg.tokens or per_epoch * cfg.batch_size) // cfg.batch_size
+    if steps == 0:
+        raise ValueError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
+    return steps, math.ceil(steps / per_epoch)
+
+
+def _same_config(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+
+
+def check_out(cfg: TrainConfig, out: Path, cache_id: dict[str, Any]) -> str:
+    """'fresh', 'resume' or 'done' for this output path; ValueError if it belongs to another run."""
+    sd = ts.state_dir(out)
+    meta = ts.read_meta(sd)
+    if meta is not None:
+        for key in ("model", "layer", "d_model"):
+            if meta.cache.get(key) != cache_id.get(key):
+                raise ValueError(f"{sd} was started on activations with {key}={meta.cache.get(key)!r}, "
+                                 f"these have {key}={cache_id.get(key)!r}; use another --out")
+        if meta.cache != cache_id:
+            raise ValueError(f"{sd} was started on other activations (different shards); use another --out")
+        diff = _same_config(meta.config, cfg.to_dict())
+        if diff:
+            raise ValueError(f"{sd} holds a run with other settings ({', '.join(diff)}); "
+                             f"use another --out or delete {sd}")
+        return "resume"
+    if out.exists():
+        try:
+            done = checkpoint.load_meta(out)
+        except checkpoint.CheckpointError:
+            raise ValueError(f"{out} exists and is not a checkpoint of this run; use another --out") from None
+        prev = done.extra.get("train_config", {})
+        if _same_config(prev, cfg.to_dict()) or done.extra.get("cache") != cache_id:
+            raise ValueError(f"{out} already holds a checkpoint trained with other settings; use another --out")
+        return "done"
+    return "fresh"
+
+
+def _log_line(out: Any, step: int, tokens: int, tok_s: float, dead: float, lr: float) -> dict[str, Any]:
+    fvus = out.fvus.tolist()
+    rec = {
+        "step": step, "tokens": tokens, "loss": float(out.loss.detach()), "fvu": fvus[-1],
+        "l0": float((out.sel.values > 0).sum(1).float().mean()), "dead_frac": dead,
+        "auxk": float(out.auxk), "lr": lr, "tokens_per_s": tok_s,
+    }
+    if len(fvus) > 1:
+        rec["fvu_rungs"] = fvus
+    return rec
+
+
+def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: bool = True,
+          max_steps: int | None = None, metrics_port: int | None = None) -> Path:
+    """Train (or resume) and write the checkpoint `out`. `max_steps` stops early (tests);
+    `metrics_port` serves Prometheus gauges of the progress."""
+    cfg.validate()
+    out = Path(out)
+    cache = ActivationCache(activations, outlier_factor=cfg.outlier_factor)
+    d_in, man = cache.d_model, cache.manifest
+    cache_id = ts.cache_identity(man)
+    mode = check_out(cfg, out, cache_id)
+    if mode == "done":
+        print(f"{out}: already trained with these settings; nothing to do")
+        return out
+    total_steps, epochs = _plan(cfg, len(cache))
+    total_tokens = total_steps * cfg.batch_size
+    window, k_aux = cfg.dead_window(total_tokens), cfg.k_aux_for(d_in)
+    M, B = cfg.d_sae, cfg.batch_size
+
+    torch.manual_seed(cfg.seed)
+    sae = TrainableSAE(d_in, M, torch.Generator().manual_seed(cfg.seed))
+    params = dict(sae.named_parameters())
+    opt = torch.optim.Adam([params[n] for n in ts.PARAMS], lr=cfg.base_lr(), betas=cfg.betas, eps=cfg.eps)
+    tracker = DeadTracker(M, window)
+    since_fired = tracker.since_fired
+    sd = ts.state_dir(out)
+    t_init = time.perf_counter()
+    if mode == "resume":
+        meta = ts.load_state(sd, sae, opt, since_fired)
+        ts.truncate_log(sd, meta.step)
+    else:
+        sample = cache.sample(cfg.init_samples, seed=cfg.seed)
+        scale = norm_scale(sample)
+        with torch.no_grad():
+            sae.b_dec.copy_(init_b_dec(sample * scale, cfg.b_dec_init))
+        meta = ts.Meta(0, 0, scale, cfg.to_dict(), cache_id)
+        sd.mkdir(parents=True, exist_ok=True)
+        (sd / ts.LOG).write_text("")
+    init_s = time.perf_counter() - t_init
+    step, scale = meta.step, meta.scale
+    ladder, weights = cfg.loss_ladder(), torch.tensor(cfg.weights())
+
+    from tqdm import tqdm
+
+    metrics = _Metrics(metrics_port, cfg.arch, total_tokens)
+
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+               desc=f"train {cfg.arch}")
+    log = open(sd / ts.LOG, "a")
+    t_run, t_log, tok_log = time.perf_counter(), time.perf_counter(), meta.tokens
+    seconds0 = meta.seconds
+    batches = _prefetch(cache.batches(B, shuffle=True, seed=cfg.seed, start_batch=step, epochs=epochs))
+    try:
+        for x in batches:
+            if step >= total_steps or (max_steps is not None and step >= max_steps):
+                break
+            x = x * scale
+            dead_mask = tracker.dead_mask()
+            dead = tracker.dead_ids()
+            lr = cfg.lr_at(step, total_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            o = optimizer_step(sae, opt, x, cfg.k, ladder, weights, dead, k_aux, cfg.auxk_coef)
+            if not torch.isfinite(o.loss):
+                raise RuntimeError(f"loss is {float(o.loss)} at step {step}; lower --lr (state kept in {sd})")
+            tracker.update(o.sel.indices, o.sel.values, B)
+            step += 1
+            meta.step, meta.tokens = step, meta.tokens + B
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                tok_s = (meta.tokens - tok_log) / max(now - t_log, 1e-9)
+                rec = _log_line(o, step, meta.tokens, tok_s, float(dead_mask.float().mean()), lr)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                metrics.update(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.4f}", dead=f"{rec['dead_frac']:.3f}",
+                                tok_s=f"{tok_s:,.0f}")
+                t_log, tok_log = now, meta.tokens
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                meta.seconds = seconds0 + time.perf_counter() - t_run
+                ts.save_state(sd, sae, opt, since_fired, meta)
+    finally:
+        batches.close()
+        bar.close()
+        log.close()
+    meta.seconds = seconds0 + time.perf_counter() - t_run
+    if step < total_steps:  # stopped early (max_steps): leave a resumable state
+        ts.save_state(sd, sae, opt, since_fired, meta)
+        return out
+    return _finish(cfg, cache, out, sae, meta, since_fired >= window, window, k_aux, total_steps, init_s)
+
+
+def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableSAE, meta: ts.Meta,
+            dead: torch.Tensor, window: int, k_aux: int, total_steps: int, init_s: float) -> Path:
+    man = cache.manifest
+    sd = ts.state_dir(out)
+    final = SAE(W_enc=sae.W_enc.detach().clone(), W_dec=sae.W_dec.detach().clone(),
+                b_enc=sae.b_enc.detach().clone(), b_dec=sae.b_dec.detach().clone(), k=cfg.k, scale=meta.scale)
+    outliers = cache.outliers()
+    extra = {
+        "train_config": cfg.to_dict(),
+        "cache": meta.cache,
+        "activations": str(cache.dir),
+        "outlier_policy": {"factor": cfg.outlier_factor, "threshold": outliers["threshold"],
+                           "excluded": outliers["excluded"], "total": outliers["total"]},
+        "steps": total_steps,
+        "lr": cfg.base_lr(),
+        "warmup_steps": cfg.warmup_steps(total_steps),
+        "dead_window_tokens": window,
+        "k_aux": k_aux,
+        "final_dead_fraction": float(dead.float().mean()),
+        "wall_time_s": meta.seconds,
+        "init_time_s": init_s,
+        "tokens_per_s": meta.tokens / meta.seconds if meta.seconds > 0 else None,
+        "threads": torch.get_num_threads(),
+    }
+    layer = man.layer
+    meta_ck = CheckpointMeta(
+        architecture=cfg.arch, d_in=sae.d_in, d_sae=sae.d_sae, k=cfg.k, granularities=cfg.granularities,
+        scale=meta.scale, model=man.model, layer=layer, hook=man.extra.get("hook") or f"hidden_states.{layer}",
+        training_tokens=meta.tokens, extra=extra,
+    )
+    checkpoint.save(out, final, meta_ck)
+    log = sd / ts.LOG
+    if log.is_file():
+        checkpoint.atomic_write(out / "train_log.jsonl", log.read_text())
+    shutil.rmtree(sd, ignore_errors=True)
+    return out
