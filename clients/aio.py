@@ -13,7 +13,7 @@ from progsae.proto import progsae_pb2 as pb
 from progsae.proto import progsae_pb2_grpc as pb_grpc
 
 from . import types as t
-from .client import RETRYABLE, ClientConfig, channel_options, metadata
+from .client import RETRYABLE, ClientConfig, make_channel, metadata
 from .types import ProgsaeError
 
 
@@ -22,7 +22,7 @@ class AsyncClient:
 
     def __init__(self, target: str = "localhost:9000", **options):
         self.config = ClientConfig(target=target, **options)
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(self.config))
+        self.channel = make_channel(self.config, aio=True)
         self.stub = pb_grpc.ProgsaeStub(self.channel)
 
     async def __aenter__(self) -> AsyncClient:

@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="call a running progsae server (models, encode, decode, stream)")
     p.add_argument("--target", default="localhost:9000", help="gRPC address (default localhost:9000)")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    p.add_argument("--token", default=None,
+                   help="bearer token for servers with auth on (default: $PROGSAE_TOKEN, else none)")
+    p.add_argument("--tls-ca", default="", metavar="PEM", help="speak TLS, trusting this CA / certificate file")
     csub = p.add_subparsers(dest="client_command", metavar="CALL", required=True)
 
     m = csub.add_parser("models", help="list served models")
@@ -50,7 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _client(args):
     from progsae.clients.client import Client
 
-    return Client(args.target, timeout=args.timeout)
+    import os
+
+    token = args.token if args.token is not None else os.environ.get("PROGSAE_TOKEN", "")
+    return Client(args.target, timeout=args.timeout, token=token, tls_ca_file=args.tls_ca)
 
 
 def _activations(args, d_in: int):

@@ -46,11 +46,37 @@ class ClientConfig:
     """Largest message sent or received."""
     application: str = ""
     """Ray Serve application name (metadata `application`); empty when the cluster runs one app."""
+    token: str = ""
+    """Bearer token sent as metadata `authorization: Bearer <token>` (servers with auth on); empty = none."""
+    tls: bool = False
+    """Speak TLS (system roots, or `tls_ca_file`)."""
+    tls_ca_file: str = ""
+    """PEM file of the CA (or self-signed certificate) to trust; implies `tls`."""
 
 
 def channel_options(cfg: ClientConfig) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+
+
+def credentials(cfg: ClientConfig):
+    """TLS channel credentials, or None for a plaintext channel."""
+    if not (cfg.tls or cfg.tls_ca_file):
+        return None
+    ca = None
+    if cfg.tls_ca_file:
+        with open(cfg.tls_ca_file, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca)
+
+
+def make_channel(cfg: ClientConfig, aio: bool = False):
+    """A (grpc.aio when `aio`) channel to cfg.target: TLS when configured, else plaintext."""
+    mod = grpc.aio if aio else grpc
+    creds = credentials(cfg)
+    if creds is None:
+        return mod.insecure_channel(cfg.target, options=channel_options(cfg))
+    return mod.secure_channel(cfg.target, creds, options=channel_options(cfg))
 
 
 TIMEOUT_METADATA = "progsae-timeout-ms"
@@ -63,6 +89,8 @@ def metadata(cfg: ClientConfig, model: str, timeout: float | None = None) -> lis
     md.append((TIMEOUT_METADATA, str(max(1, int(1e3 * (timeout or cfg.timeout))))))
     if cfg.application:
         md.append(("application", cfg.application))
+    if cfg.token:
+        md.append(("authorization", f"Bearer {cfg.token}"))
     return md
 
 
@@ -71,7 +99,7 @@ class Client:
 
     def __init__(self, target: str = "localhost:9000", **options):
         self.config = ClientConfig(target=target, **options)
-        self.channel = grpc.insecure_channel(target, options=channel_options(self.config))
+        self.channel = make_channel(self.config)
         self.stub = pb_grpc.ProgsaeStub(self.channel)
 
     def __enter__(self) -> Client:

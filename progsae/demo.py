@@ -2,7 +2,7 @@
 
 harvest (real SmolLM2-135M, layer 15, Wikipedia + chit-chat) -> train a small Matryoshka SAE
 and a TopK SAE -> order the TopK one by E[a^2] and by frequency -> evaluate both at every rung
--> report (markdown + FVU-vs-G figures) -> serve both with Ray Serve (gRPC + HTTP) -> stream a
+-> feature cards -> report (markdown + FVU-vs-G figures) -> serve both with Ray Serve (gRPC + HTTP) -> stream a
 real sentence's activations through gRPC, rung by rung -> print the dashboard's URL and keep
 serving until Ctrl-C. Every step is the CLI command a user would type (printed as it runs);
 steps whose output already exists are skipped, so a second `make demo` starts serving at once.
@@ -103,6 +103,9 @@ def build(cfg: DemoConfig) -> tuple[Path, Path]:
         _step(f"evaluate {ckpt.name} at every rung (FVU, L0, RSA, CE loss recovered)",
               ["eval", str(ckpt), "--activations", str(held), "--ordering", "all", "--ce", "--ce-contexts", "8",
                "--rsa-tokens", "1000"], ckpt / "metrics.json")
+    for ckpt in (mat, topk):
+        _step(f"feature cards for {ckpt.name} (density, top contexts, promoted tokens)",
+              ["features", str(ckpt), "--activations", str(held)], ckpt / "features.json")
     _step("write the report (FVU / CE / RSA vs G, power law)",
           ["report", str(mat), str(topk), "--out", str(out / "report")])
     print(f"\nreport: {out / 'report' / 'report.md'}")

@@ -352,7 +352,13 @@ def read_orderings(path: Path, d_sae: int) -> dict[str, Ordering]:
 
 def load_meta(path: str | Path) -> CheckpointMeta:
     path = Path(path)
-    return _meta_from_cfg(_read_cfg(path), path)
+    cfg = _read_cfg(path)
+    try:
+        return _meta_from_cfg(cfg, path)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:  # a field of a wrong type/value
+        raise CheckpointError(f"{path / CFG}: malformed field ({type(e).__name__}: {e})") from None
 
 
 def load(path: str | Path, ordering: str = "none", device: str | torch.device = "cpu") -> Checkpoint:

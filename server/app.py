@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from progsae.proto import progsae_pb2 as pb
 
-from . import http_api
+from . import auth, http_api
 from . import text as textmod
 from .config import AppConfig
 from .errors import ServiceError, Status, invalid
@@ -100,6 +100,7 @@ class Codec:
         self.service = CodecService(ServiceConfig(limits=c.limits, torch_threads=c.torch_threads),
                                     Stats(RayServeSink()), text_available=self._text_available)
         self.lm = lm if c.text else None
+        self._token = auth.resolve_token(c.auth_token, c.auth_token_env)
         self._encode_batch.set_max_batch_size(c.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
         self._reflection = reflection.ReflectionServicer(
@@ -129,6 +130,7 @@ class Codec:
     async def _unary(self, method: str, field: str, grpc_context, fn, empty):
         try:
             with self.service.observe(method, field):
+                auth.check(grpc_context, self._token)
                 model = await self.model(field)
                 out = fn(model)
                 if asyncio.iscoroutine(out):
@@ -169,6 +171,7 @@ class Codec:
                 self.service.stats.request("StreamDecode", status, request.model_id, time.perf_counter() - t0)
 
         try:
+            auth.check(grpc_context, self._token)
             model = await self.model(request.model_id)
             gen = self.service.stream(model, request, cancelled=_expired(grpc_context, t0), t0=t0)
         except ServiceError as e:
@@ -233,6 +236,7 @@ class Codec:
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         try:
             with self.service.observe("ListModels"):
+                auth.check(grpc_context, self._token)
                 return self.list_models()
         except ServiceError as e:
             _fail(grpc_context, e)
@@ -241,12 +245,18 @@ class Codec:
     async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.ModelInfo:
         try:
             with self.service.observe("GetModel", request.model_id):
+                auth.check(grpc_context, self._token)
                 return self.get_model(request.model_id or serve.get_multiplexed_model_id())
         except ServiceError as e:
             _fail(grpc_context, e)
             return pb.ModelInfo()
 
     async def GetServerStats(self, request: pb.ServerStatsRequest, grpc_context=None) -> pb.ServerStats:
+        try:
+            auth.check(grpc_context, self._token)
+        except ServiceError as e:
+            _fail(grpc_context, e)
+            return pb.ServerStats()
         return self.service.server_stats(self.loaded())
 
     # --- gRPC: grpc.health.v1.Health and reflection -----------------------------------------
@@ -262,6 +272,11 @@ class Codec:
         yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def ServerReflectionInfo(self, requests, grpc_context=None):
+        try:
+            auth.check(grpc_context, self._token)
+        except ServiceError as e:
+            _fail(grpc_context, e)
+            return
         async for req in requests:
             for resp in self._reflection.ServerReflectionInfo(iter([req]), None):
                 yield resp

@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--metrics-port", type=int, default=None, help="port of Ray's Prometheus endpoint")
     p.add_argument("--no-text", action="store_true", help="do not deploy the language model (no EncodeText)")
+    p.add_argument("--auth-token-env", default="", metavar="VAR",
+                   help="require `authorization: Bearer <token>` on every call, the token being the value of "
+                        "environment variable VAR (default: no auth)")
+    p.add_argument("--autoscaling", default=None, metavar="JSON",
+                   help='codec autoscaling_config, e.g. \'{"min_replicas": 1, "max_replicas": 2}\'')
     p.set_defaults(func=run)
 
 
@@ -37,8 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from progsae.server import launch
     from progsae.server.config import AppConfig
 
+    import json
+
+    if args.auth_token_env and not os.environ.get(args.auth_token_env):
+        raise SystemExit(f"progsae serve: --auth-token-env {args.auth_token_env}: that variable is empty")
     root, ids = roots_and_ids(args.checkpoints)
-    cfg = AppConfig(checkpoint_root=str(root), models=tuple(ids), text=not args.no_text)
+    cfg = AppConfig(checkpoint_root=str(root), models=tuple(ids), text=not args.no_text,
+                    auth_token_env=args.auth_token_env,
+                    autoscaling=json.loads(args.autoscaling) if args.autoscaling else None)
     cluster = launch.LocalCluster(grpc_port=args.grpc_port, http_port=args.http_port, host=args.host,
                                   num_cpus=args.num_cpus, metrics_port=args.metrics_port)
     print(f"starting Ray Serve for {', '.join(ids)} (root {root}) ...", flush=True)

@@ -46,6 +46,11 @@ class AppConfig:
     """GPUs reserved per codec replica (e.g. 0.25 to pack four replicas on a GPU)."""
     torch_threads: int = 1
     """torch threads per codec replica (Ray sets 1 by default for 0-CPU actors)."""
+    auth_token: str = ""
+    """Bearer token every gRPC call (but health) and every /api HTTP route must carry; empty = auth off.
+    Prefer `auth_token_env` on clusters: a literal token is visible in the Serve config."""
+    auth_token_env: str = ""
+    """Name of an environment variable of the replica processes holding the token (e.g. from a Secret)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> AppConfig:

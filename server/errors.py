@@ -9,6 +9,18 @@ traceback.
 from __future__ import annotations
 
 import enum
+import logging
+import re
+
+log = logging.getLogger("progsae.server")
+
+_ABS_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"`]+/)+([^\s/'\"`]*)")
+"""An absolute filesystem path (two or more components); client-visible messages keep its last part only."""
+
+
+def scrub(text: str) -> str:
+    """One line, with absolute paths cut to their last component (no server layout in messages)."""
+    return _ABS_PATH.sub(lambda m: m.group(1) or "<path>", " ".join(str(text).split()))
 
 
 class Status(enum.Enum):
@@ -24,6 +36,7 @@ class Status(enum.Enum):
     CANCELLED = "CANCELLED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
     @property
     def http(self) -> int:
@@ -47,6 +60,7 @@ _HTTP = {
     Status.CANCELLED: 499,
     Status.UNAVAILABLE: 503,
     Status.INTERNAL: 500,
+    Status.UNAUTHENTICATED: 401,
 }
 
 
@@ -54,7 +68,7 @@ class ServiceError(Exception):
     """A request failed with `status`; `message` is one line meant for the caller."""
 
     def __init__(self, status: Status, message: str):
-        one_line = " ".join(str(message).split())
+        one_line = scrub(message)
         super().__init__(one_line)
         self.status = status
         self.message = one_line
@@ -75,7 +89,12 @@ def exhausted(message: str) -> ServiceError:
     return ServiceError(Status.RESOURCE_EXHAUSTED, message)
 
 
+def unauthenticated(message: str = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+                    ) -> ServiceError:
+    return ServiceError(Status.UNAUTHENTICATED, message)
+
+
 def internal(exc: BaseException) -> ServiceError:
-    """Wrap an unexpected exception: one line naming its type, no traceback."""
-    text = " ".join(str(exc).split())[:200]
-    return ServiceError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {text}")
+    """Wrap an unexpected exception: the caller gets its type only; the server log gets the traceback."""
+    log.error("internal error", exc_info=exc)
+    return ServiceError(Status.INTERNAL, f"internal error ({type(exc).__name__}); details are in the server log")

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from progsae.proto import progsae_pb2 as pb
 from progsae.proto import progsae_pb2_grpc as pb_grpc
 
+from . import auth
 from . import text as textmod
 from .errors import ServiceError, Status, invalid
 from .registry import Registry, RegistryConfig
@@ -35,6 +36,12 @@ class GrpcServerConfig:
     """host:port to bind; port 0 picks a free one (see `PlainServer.port`)."""
     workers: int = 8
     """Handler threads."""
+    auth_token: str = ""
+    """Bearer token every call but health must carry (metadata `authorization: Bearer <token>`); empty = off."""
+    tls_cert_file: str = ""
+    """PEM certificate chain: with `tls_key_file`, the port speaks TLS instead of plaintext."""
+    tls_key_file: str = ""
+    """PEM private key of `tls_cert_file`."""
 
 
 def model_id_of(field: str, metadata) -> str:
@@ -142,10 +149,12 @@ class PlainServer:
         service_config = service_config or ServiceConfig()
         self.registry = Registry(registry_config)
         self.service = CodecService(service_config, text_available=textmod.available)
-        limit = service_config.limits.max_request_bytes + (1 << 20)
+        limits = service_config.limits
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.workers),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1)],
+            interceptors=[auth.AuthInterceptor(self.config.auth_token)] if self.config.auth_token else None,
+            options=[("grpc.max_receive_message_length", limits.max_request_bytes + (1 << 20)),
+                     ("grpc.max_send_message_length", limits.max_response_bytes + (1 << 20))],
         )
         self.servicer = Servicer(self.registry, self.service)
         pb_grpc.add_ProgsaeServicer_to_server(self.servicer, self.server)
@@ -155,7 +164,14 @@ class PlainServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(self.config.address)
+        if self.config.tls_cert_file or self.config.tls_key_file:
+            with open(self.config.tls_key_file, "rb") as f:
+                key = f.read()
+            with open(self.config.tls_cert_file, "rb") as f:
+                cert = f.read()
+            self.port = self.server.add_secure_port(self.config.address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = self.server.add_insecure_port(self.config.address)
         host = self.config.address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
 

@@ -28,7 +28,8 @@ from google.protobuf import json_format
 from progsae.proto import convert
 from progsae.proto import progsae_pb2 as pb
 
-from .errors import ServiceError, internal, invalid
+from . import auth
+from .errors import ServiceError, internal, invalid, unauthenticated
 
 api = FastAPI(title="progsae", description="Progressive SAE codec: HTTP/JSON API")
 
@@ -88,6 +89,16 @@ async def _body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise invalid("request body must be a JSON object")
     return body
+
+
+@api.middleware("http")
+async def _require_token(request: Request, call_next):
+    """With auth on, every /api route needs `Authorization: Bearer <token>` (401 otherwise)."""
+    if request.url.path.startswith("/api"):
+        token = getattr(_codec(), "_token", "")
+        if not auth.authorized(request.headers.get(auth.HEADER), token):
+            return _error(unauthenticated("missing or wrong bearer token (header 'Authorization: Bearer <token>')"))
+    return await call_next(request)
 
 
 @api.get("/api/models")

@@ -40,6 +40,10 @@ def start(app: AppConfig, cluster: LocalCluster | None = None) -> dict[str, str]
 
     cluster = cluster or LocalCluster()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Serve's gRPC proxy reads its message cap from the environment (default 2 GiB): match our limits.
+    # (Only a Ray instance started here inherits it; on clusters set it in the pod env.)
+    cap = max(app.limits.max_request_bytes, app.limits.max_response_bytes) + (1 << 20)
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cap))
     if not ray.is_initialized():
         kwargs = {"num_cpus": cluster.num_cpus, "include_dashboard": False, "log_to_driver": False,
                   "configure_logging": False}

@@ -137,6 +137,7 @@ class CodecService:
         g = validate.granularity(req.granularity, model)
         dtype = validate.out_dtype(req.output_dtype)
         codes = _to(validate.codes(req.codes, model, self.limits), model.device)
+        validate.response_size(codes.indices.shape[0], model, dtype, self.limits)
         with torch.inference_mode():
             recon = model.sae.decode(codes, g)
             l0 = ((codes.indices < g) & (codes.values != 0)).sum(-1)

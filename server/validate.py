@@ -28,6 +28,9 @@ class Limits:
     """Most tokens (rows) in one request."""
     max_request_bytes: int = 64 * 1024 * 1024
     """Largest activations payload accepted, in bytes (the gRPC transport limit is set to match)."""
+    max_response_bytes: int = 256 * 1024 * 1024
+    """Largest tensor one response (or one stream message) may carry, in bytes; a request whose answer
+    would be larger gets RESOURCE_EXHAUSTED before any compute (the transport send limit is set to match)."""
     max_rungs: int = 4096
     """Most rungs one stream may climb."""
     max_text_chars: int = 20000
@@ -47,6 +50,8 @@ def activations(msg: pb.Tensor, model: ServedModel, limits: Limits, field: str =
         a = convert.to_numpy(msg, field)
     except convert.WireError as e:
         raise invalid(str(e)) from None
+    except ValueError:  # numpy refuses the shape (e.g. a zero-size tensor with a 2**62 dimension)
+        raise invalid(f"{field}.shape {list(msg.shape)} is not a valid array shape") from None
     if a.ndim != 2:
         raise invalid(f"{field} must have shape [N, {model.d_in}], got {list(a.shape)}")
     n, d = a.shape
@@ -83,6 +88,16 @@ def granularity(g: int, model: ServedModel, field: str = "granularity") -> int:
     if not 1 <= g <= model.d_sae:
         raise invalid(f"{field} G={g} out of range 1..{model.d_sae} (M of model {model.id})")
     return int(g)
+
+
+_ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT64: 8}
+
+
+def response_size(tokens: int, model: ServedModel, dtype: int, limits: Limits, what: str = "reconstruction") -> None:
+    """RESOURCE_EXHAUSTED when a [tokens, d_in] tensor of `dtype` would exceed max_response_bytes."""
+    size = tokens * model.d_in * _ITEMSIZE.get(dtype, 4)
+    if size > limits.max_response_bytes:
+        raise exhausted(f"{what} of {size} bytes would exceed the response limit of {limits.max_response_bytes}")
 
 
 def out_dtype(code: int, field: str = "output_dtype") -> int:
@@ -154,5 +169,8 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits)
         target = float(t)
     if req.payload not in (pb.PAYLOAD_RECONSTRUCTION, pb.PAYLOAD_DELTA, pb.PAYLOAD_NONE):
         raise invalid(f"payload: unknown kind {req.payload}")
-    return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, out_dtype(req.output_dtype),
-                      req.per_token_l0)
+    dtype = out_dtype(req.output_dtype)
+    if req.payload != pb.PAYLOAD_NONE:
+        n = x.shape[0] if x is not None else c.indices.shape[0]
+        response_size(n, model, dtype, limits, "a rung's tensor")
+    return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0)

@@ -1,0 +1,163 @@
+"""The same guarantees through the Ray Serve app (one module-scoped app, auth on via an env var):
+bearer token on gRPC and HTTP, size caps, and a sample of the fuzz cases through Serve's proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fuzz_rpc import ALLOWED, D, GOOD_X, LIMITS, M, ONE_FIELD, _good_requests, clean_message
+
+from progsae.clients import Client, ProgsaeError
+from progsae.proto import convert
+from progsae.proto import progsae_pb2 as pb
+from progsae.proto import progsae_pb2_grpc as pb_grpc
+from progsae.server import launch, testing
+from progsae.server.config import AppConfig
+
+TOKEN = "ray-s3cret"
+ENV = "PROGSAE_TEST_AUTH_TOKEN"
+AUTH = [("authorization", f"Bearer {TOKEN}")]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rayseckpt")
+    testing.make_checkpoint(root / "topk", d=D, m=M, k=4, model=None)
+    saved = {k: os.environ.get(k) for k in (ENV, "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE")}
+    os.environ[ENV] = TOKEN  # replicas of a Ray instance started here inherit it
+    cluster = launch.LocalCluster(grpc_port=free_port(), http_port=free_port(), num_cpus=2)
+    cfg = AppConfig(checkpoint_root=str(root), limits=LIMITS, text=False, auth_token_env=ENV,
+                    graceful_shutdown_timeout_s=1)
+    try:
+        addrs = launch.start(cfg, cluster)
+        yield {"root": root, **addrs}
+    finally:
+        launch.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def stub(app):
+    ch = grpc.insecure_channel(app["grpc"], options=[("grpc.max_send_message_length", 1 << 26)])
+    yield pb_grpc.ProgsaeStub(ch)
+    ch.close()
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    try:
+        out = fn()
+        if hasattr(out, "__next__"):
+            list(out)
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def test_grpc_token(app, stub):
+    enc = pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(GOOD_X))
+    calls = {
+        "Encode": lambda md: stub.Encode(enc, timeout=20, metadata=md),
+        "StreamDecode": lambda md: stub.StreamDecode(pb.StreamDecodeRequest(
+            model_id="topk", activations=convert.from_numpy(GOOD_X)), timeout=20, metadata=md),
+        "ListModels": lambda md: stub.ListModels(pb.ListModelsRequest(), timeout=20, metadata=md),
+        "GetModel": lambda md: stub.GetModel(pb.GetModelRequest(model_id="topk"), timeout=20, metadata=md),
+        "GetServerStats": lambda md: stub.GetServerStats(pb.ServerStatsRequest(), timeout=20, metadata=md),
+    }
+    for name, fn in calls.items():
+        for md in ([], [("authorization", "Bearer nope")]):
+            code, details = _code(lambda fn=fn, md=md: fn(md))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (name, code, details)
+            clean_message(details, app["root"])
+        assert _code(lambda fn=fn: fn(AUTH))[0] == grpc.StatusCode.OK, name
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(app["grpc"]))
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=20).status == health_pb2.HealthCheckResponse.SERVING
+    with Client(app["grpc"], timeout=20, token=TOKEN) as c:
+        assert c.encode(GOOD_X, model="topk").codes.tokens == GOOD_X.shape[0]
+
+
+def _http(app, path, token=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(app["http"] + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_http_token(app):
+    status, body = _http(app, "/api/models")
+    assert status == 401 and json.loads(body)["code"] == "UNAUTHENTICATED"
+    assert _http(app, "/api/models", "wrong")[0] == 401
+    status, body = _http(app, "/api/models", TOKEN)
+    assert status == 200 and json.loads(body)["models"]
+
+
+def test_caps_through_ray(app):
+    n = LIMITS.max_response_bytes // (4 * D) + 1
+    x = testing.sample_activations(n, d=D, m=M).numpy()
+    with Client(app["grpc"], timeout=20, token=TOKEN) as c:
+        enc = c.encode(x, model="topk")
+        with pytest.raises(ProgsaeError) as e:
+            c.decode_at(enc, g=M)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        over = testing.sample_activations(LIMITS.max_request_bytes // (4 * D) + 1, d=D, m=M).numpy()
+        with pytest.raises(ProgsaeError) as e:
+            c.encode(over, model="topk")
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+RAY_CASES: dict[str, int] = {}
+
+
+@settings(deadline=None, database=None, max_examples=40,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data(), rpc=st.sampled_from(sorted(ONE_FIELD)))
+def test_fuzz_sample_through_ray(app, stub, data, rpc):
+    """One fuzzed field of a good request, through Serve's gRPC proxy: documented status, clean message."""
+    name = data.draw(st.sampled_from(sorted(ONE_FIELD[rpc])), label="field")
+    value = data.draw(ONE_FIELD[rpc][name], label=name)
+    req = type(_good_requests()[rpc])()
+    req.CopyFrom(_good_requests()[rpc])
+    if isinstance(value, (pb.Tensor, pb.SparseCodes, pb.Budget)):
+        getattr(req, name).CopyFrom(value)
+    elif isinstance(value, list):
+        getattr(req, name)[:] = value
+    else:
+        setattr(req, name, value)
+    RAY_CASES[rpc] = RAY_CASES.get(rpc, 0) + 1
+    md = list(AUTH)
+    if req.model_id.isascii() and req.model_id.isprintable() and req.model_id == req.model_id.strip():
+        md.append(("multiplexed_model_id", req.model_id))
+    code, details = _code(lambda: getattr(stub, rpc)(req, timeout=20, metadata=md))
+    if code != grpc.StatusCode.OK:
+        assert code.name in ALLOWED[rpc], (rpc, name, code, details)
+        clean_message(details, app["root"])
+        good = stub.Encode(pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(GOOD_X)), timeout=20,
+                           metadata=AUTH)
+        assert len(good.codes.offsets) == GOOD_X.shape[0] + 1
+
+
+def test_zz_ray_counts():
+    print("\nfuzz cases through Ray Serve:", RAY_CASES)
