@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from progsae.sae.codec import SAE
 
 

@@ -13,7 +13,7 @@ from progsae.proto import progsae_pb2 as pb
 from progsae.proto import progsae_pb2_grpc as pb_grpc
 
 from . import types as t
-from .client import RETRYABLE, ClientConfig, make_channel, metadata
+from .client import RETRYABLE, ClientConfig, make_channel, metadata, status_of
 from .types import ProgsaeError
 
 
@@ -42,11 +42,12 @@ class AsyncClient:
                 return await fn(request, timeout=timeout or self.config.timeout,
                                 metadata=metadata(self.config, model, timeout))
             except grpc.aio.AioRpcError as e:
-                if e.code() in RETRYABLE and attempt < self.config.retries:
+                code, details = status_of(e)
+                if code in RETRYABLE and attempt < self.config.retries:
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
-                raise ProgsaeError(e.code(), e.details() or "", method) from None
+                raise ProgsaeError(code, details, method) from None
         raise AssertionError("unreachable")
 
     async def models(self) -> list[t.ModelInfo]:
@@ -93,10 +94,11 @@ class AsyncClient:
                         yield rung
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() in RETRYABLE and not received and attempt < cfg.retries:
+                code, details = status_of(e)
+                if code in RETRYABLE and not received and attempt < cfg.retries:
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
-                raise ProgsaeError(e.code(), e.details() or "", "StreamDecode") from None
+                raise ProgsaeError(code, details, "StreamDecode") from None
             finally:
                 call.cancel()

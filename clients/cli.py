@@ -51,9 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _client(args):
-    from progsae.clients.client import Client
-
     import os
+
+    from progsae.clients.client import Client
 
     token = args.token if args.token is not None else os.environ.get("PROGSAE_TOKEN", "")
     return Client(args.target, timeout=args.timeout, token=token, tls_ca_file=args.tls_ca)

@@ -28,6 +28,17 @@ from . import types as t
 from .types import ProgsaeError
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+_REPLICA_DIED = ("actor died", "actordiederror", "actorunavailableerror", "actor is unavailable")
+
+
+def status_of(e: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The call's status and one-line message. Ray Serve's proxy answers INTERNAL (with a multi-line
+    Ray message) when the replica serving the call dies; that is a transient UNAVAILABLE to us."""
+    code, details = e.code(), e.details() or ""
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(
+            m in details.lower() for m in _REPLICA_DIED):
+        return grpc.StatusCode.UNAVAILABLE, "the replica serving the call died (the service is replacing it)"
+    return code, " ".join(details.split())
 
 
 @dataclass(frozen=True)
@@ -119,11 +130,12 @@ class Client:
                 return fn(request, timeout=timeout or self.config.timeout,
                           metadata=metadata(self.config, model, timeout))
             except grpc.RpcError as e:
-                if e.code() in RETRYABLE and attempt < self.config.retries:
+                code, details = status_of(e)
+                if code in RETRYABLE and attempt < self.config.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise ProgsaeError(e.code(), e.details() or "", method) from None
+                raise ProgsaeError(code, details, method) from None
         raise AssertionError("unreachable")
 
     # --- calls ----------------------------------------------------------------------------
@@ -200,8 +212,9 @@ class Stream:
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
                     return
-                if e.code() in RETRYABLE and not received and attempt < cfg.retries:
+                code, details = status_of(e)
+                if code in RETRYABLE and not received and attempt < cfg.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise ProgsaeError(e.code(), e.details() or "", "StreamDecode") from None
+                raise ProgsaeError(code, details, "StreamDecode") from None

@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     app = AppConfig(checkpoint_root=str(root), models=tuple(ids), text=True)
     addrs = launch.start(app, launch.LocalCluster(grpc_port=args.grpc_port, http_port=args.http_port))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Ray may have replaced the SIGINT handler
+        signal.signal(sig, lambda *_: stop.set())
     try:
         stream_example(addrs["grpc"], ids[0])
         print(f"\ngRPC      {addrs['grpc']}   (try: progsae client --target {addrs['grpc']} models)")

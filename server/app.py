@@ -292,6 +292,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     opts: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "health_check_period_s": cfg.health_check_period_s,
         "logging_config": {"enable_access_log": cfg.access_log},
         "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
     }

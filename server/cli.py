@@ -39,10 +39,10 @@ def roots_and_ids(paths: list[str]) -> tuple[Path, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from progsae.server import launch
     from progsae.server.config import AppConfig
-
-    import json
 
     if args.auth_token_env and not os.environ.get(args.auth_token_env):
         raise SystemExit(f"progsae serve: --auth-token-env {args.auth_token_env}: that variable is empty")

@@ -30,6 +30,9 @@ class AppConfig:
     """Ray Serve autoscaling_config of the codec deployment (min/max_replicas, target_ongoing_requests...)."""
     max_ongoing_requests: int = 64
     """Concurrent requests one codec replica accepts (streams included)."""
+    health_check_period_s: float = 2.0
+    """How often Serve health-checks each codec replica: a replica that died is replaced within about this
+    (Ray's default, 10 s, left a dead replica's calls queued for ~10 s; bench/faults.py)."""
     graceful_shutdown_timeout_s: float = 20.0
     """How long a codec replica being stopped (downscale, redeploy) may finish its requests."""
     replica_num_cpus: float = 0.0

@@ -140,6 +140,41 @@ class Servicer(pb_grpc.ProgsaeServicer):
         return self.service.server_stats(self.registry.loaded())
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Undecodable request bytes answer INVALID_ARGUMENT with one line (grpcio's own answer is INTERNAL)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        name = (handler_call_details.method or "").rsplit("/", 1)[-1]
+
+        def safe(raw: bytes):
+            try:
+                return decode(raw)
+            except Exception:  # noqa: BLE001  (protobuf DecodeError and friends)
+                return _Undecodable()
+
+        def guard(behavior):
+            def run(request, context):
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{name}: request bytes are not a valid progsae.v1 message")
+                return behavior(request, context)
+            return run
+
+        if handler.unary_unary is not None:
+            return handler._replace(request_deserializer=safe, unary_unary=guard(handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(request_deserializer=safe, unary_stream=guard(handler.unary_stream))
+        return handler
+
+
 class PlainServer:
     """A running grpcio server; `stop()` ends it."""
 
@@ -152,7 +187,8 @@ class PlainServer:
         limits = service_config.limits
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.workers),
-            interceptors=[auth.AuthInterceptor(self.config.auth_token)] if self.config.auth_token else None,
+            interceptors=[*([auth.AuthInterceptor(self.config.auth_token)] if self.config.auth_token else []),
+                          DecodeGuard()],
             options=[("grpc.max_receive_message_length", limits.max_request_bytes + (1 << 20)),
                      ("grpc.max_send_message_length", limits.max_response_bytes + (1 << 20))],
         )

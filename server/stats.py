@@ -8,6 +8,8 @@ import threading
 from collections import Counter
 from typing import Protocol
 
+from .errors import log
+
 
 class MetricsSink(Protocol):
     """Where the service reports what it did (Ray Serve metrics, Prometheus, nothing)."""
@@ -53,7 +55,13 @@ class Stats:
     def request(self, method: str, status: str, model: str, seconds: float) -> None:
         with self._lock:
             self.requests[f"{method}:{status}"] += 1
-        self.sink.request(method, status, model, seconds)
+        # The model label is the caller's raw field: only a call that succeeded proves it names a served
+        # model. Failed calls get "-" (arbitrary ids must not become metric labels: unbounded cardinality,
+        # and Ray's metrics reject non-ASCII tags).
+        try:
+            self.sink.request(method, status, model if status == "OK" else "-", seconds)
+        except Exception:  # noqa: BLE001  (metrics must never fail a call)
+            log.warning("metrics sink failed", exc_info=True)
 
     def stream_started(self) -> None:
         with self._lock:

@@ -135,7 +135,8 @@ def tensors(draw) -> pb.Tensor:
     raw = data.tobytes()
     cut = draw(st.sampled_from([0, 0, 0, 0, 0, 1, -1, 3]))
     raw = raw[:len(raw) - cut] if cut > 0 else raw + b"\0" * -cut
-    shape = [n, d] if draw(st.sampled_from([True, True, True, False])) or n == 0 else draw(st.sampled_from([[n * d], [n, d, 1], [d, n]]))
+    keep = draw(st.sampled_from([True, True, True, False])) or n == 0
+    shape = [n, d] if keep else draw(st.sampled_from([[n * d], [n, d, 1], [d, n]]))
     return pb.Tensor(data=raw, shape=shape, dtype=dtype)
 
 
@@ -185,7 +186,7 @@ def _md_ok(v: str) -> bool:
 # --- the fuzz tests ------------------------------------------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=200)
 @given(model=MODEL_IDS, t=st.one_of(tensors(), st.none()), mode=MODE, g=st.one_of(st.just(0), G), timeout=timeouts(),
        md=metadatas())
 def test_fuzz_encode(stub, root, model, t, mode, g, timeout, md):
@@ -195,7 +196,7 @@ def test_fuzz_encode(stub, root, model, t, mode, g, timeout, md):
     call(stub, root, "Encode", req, timeout, md)
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=200)
 @given(model=MODEL_IDS, c=st.one_of(codes(), st.none()), g=G, dtype=DTYPE, timeout=timeouts())
 def test_fuzz_decode(stub, root, model, c, g, dtype, timeout):
     req = pb.DecodeRequest(model_id=model, granularity=g, output_dtype=dtype)
@@ -228,7 +229,7 @@ def ladders(draw) -> list[int]:
     return draw(st.lists(INT64, max_size=10))
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=200)
 @given(model=MODEL_IDS, which=st.sampled_from(["activations", "codes", "none"]), t=tensors(), c=codes(),
        budget=budgets(), payload=PAYLOAD, ladder=ladders(), dtype=DTYPE, per_token=st.booleans(), timeout=timeouts())
 def test_fuzz_stream(stub, root, model, which, t, c, budget, payload, ladder, dtype, per_token, timeout):
@@ -248,7 +249,7 @@ def test_fuzz_encode_text(stub, root, model, text, n):
     call(stub, root, "EncodeText", pb.EncodeTextRequest(model_id=model, text=text, max_tokens=n))
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
 @given(model=MODEL_IDS, md=metadatas())
 def test_fuzz_model_ids(stub, root, model, md):
     """GetModel over arbitrary ids: traversal, absolute, NUL, unicode, overlong; never a file outside root."""
@@ -301,18 +302,21 @@ def test_fuzz_one_field_of_a_good_request(stub, root, data, rpc):
 
 
 def test_raw_bytes_never_kill_the_server(stub, server, root):
-    """Undecodable request bytes: gRPC's own error, the server stays up."""
+    """Random request bytes: decoded (unknown fields are legal protobuf) or INVALID_ARGUMENT; the server stays up."""
     ch = grpc.insecure_channel(server.address)
     rng = np.random.default_rng(0)
-    for i in range(50):
+    for i in range(120):
         raw = rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
-        method = ["Encode", "DecodeAtGranularity", "GetModel"][i % 3]
-        fn = ch.unary_unary(f"/progsae.v1.Progsae/{method}")
+        method = ["Encode", "DecodeAtGranularity", "GetModel", "StreamDecode"][i % 4]
+        path = f"/progsae.v1.Progsae/{method}"
+        fn = ch.unary_stream(path) if method == "StreamDecode" else ch.unary_unary(path)
         CASES["raw bytes"] += 1
         try:
-            fn(raw, timeout=10)
+            out = fn(raw, timeout=10)
+            if method == "StreamDecode":
+                list(out)
         except grpc.RpcError as e:
-            assert e.code().name in DOCUMENTED | {"INTERNAL"}, e.code()
+            assert e.code().name in DOCUMENTED, (e.code(), e.details())
             clean_message(e.details() or "", root)
     ch.close()
     assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
