@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import threading
@@ -25,13 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from progsae.server.testing import free_port
 
 
 def pct(xs: list[float], q: float) -> float:

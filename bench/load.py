@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 import psutil
 
 from progsae.clients import Client, ProgsaeError
+from progsae.server.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 REPLICA_TAG = "ServeReplica:progsae:Codec"
@@ -41,14 +41,6 @@ D, M = 64, 2048
 
 
 # --- server ------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def make_checkpoints(root: Path) -> list[Path]:

@@ -6,6 +6,7 @@ orderings from `ImportanceAccumulator`: progressive decoding then has something 
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -129,3 +130,10 @@ def error_cases(x, d_sae: int, good_model: str, max_request_bytes: int):
         ("missing codes", "DecodeAtGranularity", D(model_id=m, granularity=4), "INVALID_ARGUMENT"),
         ("missing stream input", "StreamDecode", S(model_id=m), "INVALID_ARGUMENT"),
     ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for test and bench servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +24,7 @@ pytest.importorskip("ray")
 from progsae.sae import checkpoint  # noqa: E402
 from progsae.server import launch, testing  # noqa: E402
 from progsae.server.config import AppConfig  # noqa: E402
+from progsae.server.testing import free_port
 from progsae.server.validate import Limits  # noqa: E402
 from progsae.trainer import features  # noqa: E402
 from tests.dashboard_fixtures import LADDER  # noqa: E402
@@ -34,14 +34,6 @@ CHROMIUM = os.environ.get("PROGSAE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MAX_CHARS = 400
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from progsae.server.testing import free_port
 from progsae.trainer import corpora as C
 from progsae.trainer import harvest as H
 from progsae.trainer import models as M
@@ -166,14 +166,8 @@ def test_corpus_order_and_interleave(lm) -> None:
     assert all(c[0] == lm.start_token_id and len(c) == 4 for c in ctxs) and flat[:len(want)] == want
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_metrics_port(lm, tmp_path) -> None:
-    port = _free_port()
+    port = free_port()
     H.harvest(cfg(tmp_path / "m", tokens=30, metrics_port=port), lm=lm)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "progsae_harvest_tokens 30.0" in body and "progsae_harvest_tokens_per_second" in body

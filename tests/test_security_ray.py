@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import urllib.error
 import urllib.request
 
@@ -23,19 +22,12 @@ from progsae.proto import progsae_pb2 as pb
 from progsae.proto import progsae_pb2_grpc as pb_grpc
 from progsae.server import launch, testing
 from progsae.server.config import AppConfig
+from progsae.server.testing import free_port
 
 TOKEN = "ray-s3cret"
 ENV = "PROGSAE_TEST_AUTH_TOKEN"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
 RAY_LIMITS = dataclasses.replace(LIMITS, max_response_bytes=2048)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -27,17 +26,10 @@ from progsae.proto import progsae_pb2_grpc as pb_grpc  # noqa: E402
 from progsae.sae import checkpoint  # noqa: E402
 from progsae.server import launch, testing  # noqa: E402
 from progsae.server.config import AppConfig  # noqa: E402
+from progsae.server.testing import free_port  # noqa: E402
 from progsae.server.validate import Limits  # noqa: E402
 
 LIMITS = Limits(max_request_bytes=1 << 20, max_tokens=4096)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,10 @@ def _log_plain(ax) -> None:
     from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)))
+    lo, hi = ax.get_ylim()
+    decades = np.log10(hi / lo) if lo > 0 else 9.0
+    subs = (1.0,) if decades > 2.5 else (1.0, 2.0, 5.0) if decades > 1.2 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_minor_locator(LogLocator(base=10, subs="all"))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
@@ -108,6 +111,10 @@ def importance_figure(variants: list[Variant], out: Path) -> Path | None:
             axes[0].loglog(rank[pos], pl["C"] * rank[pos] ** -pl["alpha"], color=st["color"], linestyle="--",
                            linewidth=1, label=f"fit α={pl['alpha']:.2f}, R²={pl['r2']:.2f}")
         drawn = True
+    lows = [min(x for x in v.scores_sorted if x > 0) for v in variants if any(x > 0 for x in v.scores_sorted)]
+    highs = [max(v.scores_sorted) for v in variants if v.scores_sorted]
+    if lows and highs:
+        axes[0].set_ylim(min(lows) / 2, max(highs) * 3)  # fit lines may overshoot the data
     axes[0].set_xlabel("rank")
     axes[0].set_ylabel("importance score (sorted)")
     axes[0].set_title("Latent importance, log-log, with power-law fit")
