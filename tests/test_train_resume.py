@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -101,16 +102,27 @@ def _cmd(cache: Path, out: Path, tokens: int) -> list[str]:
             "--threads", "1", "--no-progress"]
 
 
-def test_kill_9_and_rerun_gives_same_weights(cache, tmp_path):
-    tokens = 32 * 600
+KILL_TOKENS = 32 * 600
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    return train(tiny(tokens=KILL_TOKENS, checkpoint_every=20, log_every=10), cache, out, progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_and_rerun_gives_same_weights(cache, uninterrupted, tmp_path, seed):
+    """SIGKILL at a random point (after 1..12 log lines: mid-step, mid-state-write, between) then rerun."""
+    tokens, ref = KILL_TOKENS, uninterrupted
+    kill_after = random.Random(seed).randint(1, 12)
     out = tmp_path / "killed"
-    ref = train(tiny(tokens=tokens, checkpoint_every=20, log_every=10), cache, tmp_path / "ref", progress=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_cmd(cache, out, tokens), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = state_dir(out) / "log.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:  # kill once a few states are written
-        if log.is_file() and log.read_text().count("\n") >= 5:
+        if log.is_file() and log.read_text().count("\n") >= kill_after:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
