@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from progsae.sae import checkpoint
 from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE

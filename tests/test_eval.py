@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from progsae.cli import main
 from progsae.sae import checkpoint
 from progsae.sae.metrics import FVUAccumulator, rsa
 from progsae.trainer.activations import ActivationCache
 from progsae.trainer.evaluate import EvalConfig, evaluate, save_result
-
-from progsae.cli import main
 from tests import eval_fixtures as fx
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from progsae.sae.metrics import (
     FVUAccumulator,
     RSAReference,

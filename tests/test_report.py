@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
+from progsae.cli import main
 from progsae.trainer.evaluate import EvalConfig, evaluate, save_result
 from progsae.trainer.report import claims, load_all
-
-from progsae.cli import main
 from tests import eval_fixtures as fx
 
 

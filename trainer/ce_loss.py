@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
 from progsae.sae import checkpoint
 from progsae.sae.codec import SAE
 from progsae.sae.metrics import TokenLossAccumulator, ce_loss_recovered
 from progsae.trainer.activations import ActivationCache
 from progsae.trainer.eval_types import CEBaseline
-from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from progsae.trainer.evaluate import EvalConfig, Variant

@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
 from progsae.sae import checkpoint
 from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE, Codes
@@ -32,8 +35,6 @@ from progsae.trainer.eval_types import (
     RungMetrics,
     merge,
 )
-from torch import Tensor
-from tqdm.auto import tqdm
 
 
 @dataclass

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
 from progsae.trainer.report import STYLE, CheckpointInfo, Variant  # noqa: E402
 
 DPI = 110
