@@ -113,11 +113,11 @@ def build(cfg: DemoConfig) -> tuple[Path, Path]:
 
 
 def _complete(cache: Path) -> bool:
-    import json
+    from progsae.trainer.activations import CacheError, Manifest
 
     try:
-        return bool(json.loads((cache / "manifest.json").read_text()).get("complete"))
-    except (OSError, ValueError):
+        return Manifest.load(cache).complete
+    except CacheError:
         return False
 
 
