@@ -284,12 +284,8 @@ ONE_FIELD = {
 }
 
 
-@settings(FUZZ, max_examples=300)
-@given(data=st.data(), rpc=st.sampled_from(sorted(ONE_FIELD)))
-def test_fuzz_one_field_of_a_good_request(stub, root, data, rpc):
-    """A good request with exactly one field replaced by a fuzzed value (each bad value in isolation)."""
-    name = data.draw(st.sampled_from(sorted(ONE_FIELD[rpc])), label="field")
-    value = data.draw(ONE_FIELD[rpc][name], label=name)
+def one_field_request(rpc: str, name: str, value):
+    """A copy of the good request for `rpc` with field `name` replaced by `value`."""
     req = type(_good_requests()[rpc])()
     req.CopyFrom(_good_requests()[rpc])
     if isinstance(value, (pb.Tensor, pb.SparseCodes, pb.Budget)):
@@ -298,6 +294,16 @@ def test_fuzz_one_field_of_a_good_request(stub, root, data, rpc):
         getattr(req, name)[:] = value
     else:
         setattr(req, name, value)
+    return req
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=st.data(), rpc=st.sampled_from(sorted(ONE_FIELD)))
+def test_fuzz_one_field_of_a_good_request(stub, root, data, rpc):
+    """A good request with exactly one field replaced by a fuzzed value (each bad value in isolation)."""
+    name = data.draw(st.sampled_from(sorted(ONE_FIELD[rpc])), label="field")
+    value = data.draw(ONE_FIELD[rpc][name], label=name)
+    req = one_field_request(rpc, name, value)
     call(stub, root, rpc, req)
 
 

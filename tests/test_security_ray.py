@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fuzz_rpc import ALLOWED, GOOD_X, LIMITS, ONE_FIELD, D, M, _good_requests, clean_message
+from test_fuzz_rpc import ALLOWED, GOOD_X, LIMITS, ONE_FIELD, D, M, clean_message, one_field_request
 
 from progsae.clients import Client, ProgsaeError
 from progsae.proto import convert
@@ -133,14 +133,7 @@ def test_fuzz_sample_through_ray(app, stub, data, rpc):
     """One fuzzed field of a good request, through Serve's gRPC proxy: documented status, clean message."""
     name = data.draw(st.sampled_from(sorted(ONE_FIELD[rpc])), label="field")
     value = data.draw(ONE_FIELD[rpc][name], label=name)
-    req = type(_good_requests()[rpc])()
-    req.CopyFrom(_good_requests()[rpc])
-    if isinstance(value, (pb.Tensor, pb.SparseCodes, pb.Budget)):
-        getattr(req, name).CopyFrom(value)
-    elif isinstance(value, list):
-        getattr(req, name)[:] = value
-    else:
-        setattr(req, name, value)
+    req = one_field_request(rpc, name, value)
     RAY_CASES[rpc] = RAY_CASES.get(rpc, 0) + 1
     md = list(AUTH)
     if req.model_id.isascii() and req.model_id.isprintable() and req.model_id == req.model_id.strip():
