@@ -198,8 +198,34 @@ def test_cache_from_another_layer_or_model(reference, monkeypatch) -> None:
     monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
     with pytest.raises(CacheError, match="existing cache has layer=15, asked for 14"):
         H.harvest(cfg(reference, layer=14))
-    with pytest.raises(CacheError, match="existing cache has target_tokens=600"):
-        H.harvest(cfg(reference, tokens=900))
+    with pytest.raises(CacheError, match="harvested for 600 tokens, asked for 300; a cache only grows"):
+        H.harvest(cfg(reference, tokens=300))
+
+
+def test_grow_a_finished_cache_is_byte_identical(lm, reference, tmp_path) -> None:
+    """`--tokens` raised on a finished cache: the partial last shard is regenerated whole, the
+    rest kept, and the result equals a run asked for the larger size from the start."""
+    out = tmp_path / "grown"
+    H.harvest(cfg(out, tokens=225), lm=lm)  # 15 contexts: one whole shard of 10, one partial of 5
+    assert [s.n_contexts for s in Manifest.load(out).shards] == [10, 5]
+    first = (out / "acts-00000.npy").stat().st_mtime_ns
+    H.harvest(cfg(out, tokens=600), lm=lm)
+    assert (out / "acts-00000.npy").stat().st_mtime_ns == first  # whole shards are not recomputed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["extra"].pop("grown_from") == [225]
+    (out / "manifest.json").write_text(json.dumps(m))
+    _same_cache(out, reference)
+
+
+def test_a_cache_whose_corpus_ran_out_cannot_grow(reference, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "ran-out"
+    shutil.copytree(reference, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["extra"]["exhausted"] = True
+    (out / "manifest.json").write_text(json.dumps(raw))
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    with pytest.raises(CacheError, match="corpus ran out at 600 tokens, so it cannot grow to 900"):
+        H.harvest(cfg(out, tokens=900))
 
 
 def test_not_enough_disk(tmp_path, monkeypatch) -> None:

@@ -14,6 +14,7 @@ the manifest only once both its files are whole (CacheWriter), so after `kill -9
 point, rerunning the same command regenerates the same stream, skips the registered
 contexts and writes the rest: the final shards are byte-identical to an uninterrupted run.
 The manifest's `extra["timing"]` (tokens/s, seconds) is the only part that differs.
+For the same reason a finished cache grows in place when rerun with a larger `--tokens`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class HarvestConfig:
     split: str = "train"
     """'train' or 'heldout' (by document, fixed by a hash of the document id)."""
     tokens: int = 2_000_000
-    """Rows wanted; rounded up to whole contexts."""
+    """Rows wanted; rounded up to whole contexts. Raising it on an existing cache grows that cache."""
     context: int = 128
     """Tokens per context including the start token (whose position is not stored)."""
     batch: int = 8
@@ -114,12 +115,17 @@ def _existing_manifest(out: Path) -> Manifest | None:
 def _check_existing(old: Manifest, cfg: HarvestConfig, alias: str, corpora: list[str]) -> None:
     from progsae.trainer.activations import CacheError
 
-    want = {"model": alias, "layer": cfg.layer, "corpus": corpora, "split": cfg.split,
-            "context": cfg.context, "target_tokens": cfg.tokens}
+    want = {"model": alias, "layer": cfg.layer, "corpus": corpora, "split": cfg.split, "context": cfg.context}
     for key, value in want.items():
         if getattr(old, key) != value:
             raise CacheError(f"{cfg.out}: existing cache has {key}={getattr(old, key)!r}, asked for "
                              f"{value!r}; use another --out or delete it")
+    if cfg.tokens < old.target_tokens:
+        raise CacheError(f"{cfg.out}: existing cache was harvested for {old.target_tokens:,} tokens, asked for "
+                         f"{cfg.tokens:,}; a cache only grows: use another --out or delete it")
+    if cfg.tokens > old.target_tokens and old.extra.get("exhausted"):
+        raise CacheError(f"{cfg.out}: its corpus ran out at {old.n_tokens:,} tokens, so it cannot grow to "
+                         f"{cfg.tokens:,}; add a corpus (with another --out)")
     for key in ("seed", "batch", "shard_tokens", "device"):
         if key in old.extra and old.extra[key] != getattr(cfg, key):
             raise CacheError(f"{cfg.out}: existing cache was harvested with {key}={old.extra[key]!r}, "
@@ -211,6 +217,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, log: Any = None) 
     spec, names, docs = validate(cfg)
     out = Path(cfg.out)
     old = _existing_manifest(out)
+    if old is not None and cfg.tokens > old.target_tokens:
+        _grow(out, old, cfg, log)
     if old is not None and old.complete:
         log(f"{out}: already complete ({old.n_tokens:,} tokens); nothing to do")
         return old
@@ -284,6 +292,29 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, log: Any = None) 
     return final
 
 
+def _grow(out: Path, old: Manifest, cfg: HarvestConfig, log: Any) -> None:
+    """Raise a cache's target in place. The context stream does not depend on `--tokens`, so the
+    whole shards already written are exactly those of a run asked for more; a trailing partial
+    shard is dropped and regenerated whole. The result is byte-identical to a fresh run."""
+    per_shard = plan(cfg)[1]
+    keep = len(old.shards)
+    while keep and old.shards[keep - 1].n_contexts != per_shard:
+        keep -= 1
+    dropped = old.shards[keep:]
+    log(f"{out}: growing from {old.target_tokens:,} to {cfg.tokens:,} tokens; keeping {keep} whole shards"
+        + (f", regenerating {sum(s.n_tokens for s in dropped):,} tokens of a partial shard" if dropped else ""))
+    grown_from = old.extra.get("grown_from", []) + [old.target_tokens]
+    old.shards, old.target_tokens, old.complete = old.shards[:keep], cfg.tokens, False
+    for key in ("exhausted", "timing"):
+        old.extra.pop(key, None)
+    old.extra["grown_from"] = grown_from
+    old.save(out)  # registered first, so a kill from here on resumes the grown cache
+    for s in dropped:
+        for name in (s.acts, s.tokens):
+            if name:
+                (out / name).unlink(missing_ok=True)
+
+
 def _remove_empty(out: Path) -> None:
     """Undo an empty cache: its manifest, and the folder if nothing else is in it."""
     from progsae.trainer.activations import MANIFEST
@@ -309,7 +340,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=d.corpus, help="comma-separated: wikipedia,chitchat,sotu,mobydick")
     p.add_argument("--split", default=d.split, help="train or heldout (by document)")
     p.add_argument("--tokens", type=int, default=d.tokens, help="rows wanted (rounded up to whole contexts)")
-    p.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
+    p.add_argument("--out", required=True, help="cache dir (resumed, or grown to a larger --tokens, if it exists)")
     p.add_argument("--context", type=int, default=d.context, help="tokens per context incl. the start token")
     p.add_argument("--batch", type=int, default=d.batch, help="contexts per forward pass")
     p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="rows per shard")
