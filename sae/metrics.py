@@ -96,23 +96,37 @@ def ce_loss_recovered(ce_clean: float, ce_zero: float, ce_sae: float) -> float:
 
 
 class TokenLossAccumulator:
-    """Float64 sums of next-token CE and KL(p_clean || p) over scored tokens.
+    """Float64 sums of next-token CE and KL(p_clean || p) over scored tokens, in total and per context.
 
     `update` takes log-probabilities [N, V] of the clean model and of a variant for the
-    same N scored positions, and the N target token ids.
+    same N scored positions, and the N target token ids. The N rows are `contexts` equal
+    consecutive blocks, one per context (default: the whole batch is one context); each
+    block's sums are kept in `context_ce`, `context_kl` and `context_tokens`, in order, for
+    the bootstrap over contexts.
     """
 
     def __init__(self) -> None:
         self.ce_sum = 0.0
         self.kl_sum = 0.0
         self.n = 0
+        self.context_ce: list[float] = []
+        self.context_kl: list[float] = []
+        self.context_tokens: list[int] = []
 
-    def update(self, logp_clean: Tensor, logp: Tensor, targets: Tensor) -> None:
+    def update(self, logp_clean: Tensor, logp: Tensor, targets: Tensor, contexts: int = 1) -> None:
+        n = int(targets.shape[0])
+        if contexts < 1 or n % contexts:
+            raise ValueError(f"{n} scored tokens do not split into {contexts} equal contexts")
         # Elementwise in the input precision (float32 log-probs are accurate to ~1e-7),
         # sums in float64.
-        self.ce_sum += float(-logp.gather(-1, targets[:, None]).sum(dtype=torch.float64))
-        self.kl_sum += float((logp_clean.exp() * (logp_clean - logp)).sum(dtype=torch.float64))
-        self.n += int(targets.shape[0])
+        ce = (-logp.gather(-1, targets[:, None])).reshape(contexts, -1).sum(1, dtype=torch.float64)
+        kl = (logp_clean.exp() * (logp_clean - logp)).reshape(contexts, -1).sum(1, dtype=torch.float64)
+        self.context_ce += ce.tolist()
+        self.context_kl += kl.tolist()
+        self.context_tokens += [n // contexts] * contexts
+        self.ce_sum += float(ce.sum())
+        self.kl_sum += float(kl.sum())
+        self.n += n
 
     @property
     def ce(self) -> float:
@@ -122,6 +136,100 @@ class TokenLossAccumulator:
     def kl(self) -> float:
         """Mean per-token KL(p_clean || p) in nats."""
         return self.kl_sum / self.n if self.n else float("nan")
+
+
+# --- bootstrap over contexts ----------------------------------------------------------------
+#
+# Tokens within a context are correlated, so the resampling unit is the context. A resample
+# draws n contexts with replacement; it is a row of multinomial counts w [n], and every total
+# over it is w @ per-context sums. Variants scored on the same contexts are resampled together
+# (paired), which is what makes a CE-recovered ratio and a difference of two SAEs well defined.
+
+
+class BootstrapEstimate(NamedTuple):
+    """A statistic over all contexts and its bootstrap standard error."""
+
+    value: float
+    se: float
+    """Standard deviation of the statistic over the resamples (NaN with fewer than 2 contexts)."""
+
+
+class PairedDifference(NamedTuple):
+    """CE recovered of variant a minus that of b, on the same contexts, with its bootstrap spread."""
+
+    diff: float
+    se: float
+    lo: float
+    """Lower end of the percentile interval."""
+    hi: float
+    """Upper end of the percentile interval."""
+
+    def resolved(self) -> bool:
+        """The interval excludes 0: the sign of the difference is resolved."""
+        return self.lo > 0 or self.hi < 0
+
+
+def bootstrap_weights(n_contexts: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """[n_boot, n_contexts] counts: how often each context is drawn in each resample (rows sum to n)."""
+    if n_contexts < 1:
+        raise ValueError("the bootstrap needs at least one context")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_contexts, np.full(n_contexts, 1.0 / n_contexts), size=n_boot).astype(np.float64)
+
+
+def _vectors(*sums: np.ndarray | list[float]) -> list[np.ndarray]:
+    out = [np.asarray(s, dtype=np.float64) for s in sums]
+    if len({v.shape for v in out}) != 1 or out[0].ndim != 1:
+        raise ValueError(f"per-context sums must be 1-d and of one length, got {[v.shape for v in out]}")
+    return out
+
+
+def _recovered(w: np.ndarray, clean: np.ndarray, zero: np.ndarray, sae: np.ndarray) -> np.ndarray:
+    """CE recovered per weight row; the token counts cancel (every variant scores the same tokens)."""
+    z = w @ zero
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (z - w @ sae) / (z - w @ clean)
+
+
+def _se(stats: np.ndarray, n_contexts: int) -> float:
+    return float(np.std(stats, ddof=1)) if n_contexts >= 2 and len(stats) >= 2 else float("nan")
+
+
+def ce_recovered_bootstrap(clean: np.ndarray | list[float], zero: np.ndarray | list[float],
+                           sae: np.ndarray | list[float], n_boot: int = 1000, seed: int = 0) -> BootstrapEstimate:
+    """CE recovered from per-context CE sums of clean, zero-ablated and SAE runs, with its bootstrap SE.
+
+    All three are resampled with the same contexts (paired); each resample's CE recovered
+    is (CE_zero - CE_sae) / (CE_zero - CE_clean) of its token-weighted totals.
+    """
+    c, z, s = _vectors(clean, zero, sae)
+    value = float(_recovered(np.ones((1, len(c))), c, z, s)[0])
+    return BootstrapEstimate(value, _se(_recovered(bootstrap_weights(len(c), n_boot, seed), c, z, s), len(c)))
+
+
+def per_token_mean_bootstrap(sums: np.ndarray | list[float], tokens: np.ndarray | list[float],
+                             n_boot: int = 1000, seed: int = 0) -> BootstrapEstimate:
+    """Token-weighted mean sum(sums) / sum(tokens) (e.g. KL per token), with its bootstrap SE."""
+    s, t = _vectors(sums, tokens)
+    w = bootstrap_weights(len(s), n_boot, seed)
+    return BootstrapEstimate(float(s.sum() / t.sum()), _se((w @ s) / (w @ t), len(s)))
+
+
+def ce_recovered_difference(clean: np.ndarray | list[float], zero: np.ndarray | list[float],
+                            a: np.ndarray | list[float], b: np.ndarray | list[float], n_boot: int = 1000,
+                            seed: int = 0, level: float = 0.95) -> PairedDifference:
+    """CE recovered(a) - CE recovered(b) for two SAEs scored on the same contexts (same clean / zero).
+
+    Paired bootstrap: every resample takes the same contexts for a, b, clean and zero; the
+    interval is the `level` percentile interval of the resampled differences.
+    """
+    c, z, sa, sb = _vectors(clean, zero, a, b)
+    full = np.ones((1, len(c)))
+    diff = float(_recovered(full, c, z, sa)[0] - _recovered(full, c, z, sb)[0])
+    w = bootstrap_weights(len(c), n_boot, seed)
+    boot = _recovered(w, c, z, sa) - _recovered(w, c, z, sb)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return PairedDifference(diff, _se(boot, len(c)), float(lo), float(hi))
 
 
 class DensityHistogram(NamedTuple):

@@ -13,7 +13,8 @@ from progsae.cli import main
 from progsae.sae import checkpoint
 from progsae.sae.metrics import FVUAccumulator, rsa
 from progsae.trainer.activations import ActivationCache
-from progsae.trainer.evaluate import EvalConfig, evaluate, save_result
+from progsae.trainer.eval_types import CEBaseline, RungMetrics
+from progsae.trainer.evaluate import EvalConfig, evaluate, format_table, save_result
 from tests import eval_fixtures as fx
 
 
@@ -185,10 +186,45 @@ def test_ce_splice_through_tiny_llama(tmp_path):
     assert full.fvu < 1e-10 and full.ce_recovered == pytest.approx(1.0, abs=1e-4) and full.kl < 1e-6
     half = r.orderings["none"].rungs[0]
     assert half.kl > 1e-4 and half.ce_recovered < 1.0
+    # per-context sums: the contexts picked, and totals that add up to the reported means
+    assert r.ce.contexts == [0, 2, 3, 5] and r.ce.context_tokens == [fx.CONTEXT - 2] * 4
+    assert sum(r.ce.clean_sums or []) / r.ce.n_tokens == pytest.approx(r.ce.ce_clean, rel=1e-9)
+    assert sum(r.ce.zero_sums or []) / r.ce.n_tokens == pytest.approx(r.ce.ce_zero, rel=1e-9)
+    direct_ctx = -logp.gather(-1, picked[:, 2:, None]).sum((1, 2))
+    assert r.ce.clean_sums == pytest.approx(direct_ctx.tolist(), abs=1e-4)
+    for q in r.orderings["none"].rungs:
+        assert len(q.ce_context_sums) == 4 and sum(q.ce_context_sums) / r.ce.n_tokens == pytest.approx(q.ce)
+        assert q.ce_recovered_se is not None and q.ce_recovered_se >= 0 and q.kl_se is not None and q.kl_se >= 0
+    assert half.ce_recovered_se > 1e-6 and full.ce_recovered_se < 1e-3  # exact at G = M: no spread
+    assert f"{half.ce_recovered:.4f}±{half.ce_recovered_se:.4f}" in format_table(r)
     save_result(r, ck)
-    assert json.loads((ck / "metrics.json").read_text())["eval"]["ce"]["ce_clean"] == pytest.approx(r.ce.ce_clean)
+    m = json.loads((ck / "metrics.json").read_text())
+    assert m["eval"]["ce"]["ce_clean"] == pytest.approx(r.ce.ce_clean)
+    assert CEBaseline.from_json(m["eval"]["ce"]) == r.ce  # round trip, per-context sums included
+    assert [RungMetrics.from_json(q) for q in m["none"]["rungs"]] == r.orderings["none"].rungs
     # a later eval without --ce (same settings) keeps the CE numbers
     save_result(evaluate(ck, tmp_path / "acts", quick(ordering="none", outlier_factor=0)), ck)
     m = json.loads((ck / "metrics.json").read_text())
     assert m["none"]["rungs"][-1]["ce_recovered"] == pytest.approx(full.ce_recovered)
+    assert m["none"]["rungs"][0]["ce_context_sums"] == half.ce_context_sums
+    assert m["none"]["rungs"][0]["ce_recovered_se"] == half.ce_recovered_se
+    assert CEBaseline.from_json(m["eval"]["ce"]) == r.ce
     assert m["eval"]["ce"]["n_contexts"] == 4 and m["summary"]["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_metrics_json_without_per_context_fields_still_loads():
+    """metrics.json written before the bootstrap: the new fields are simply absent -> None."""
+    old_rung = {"g": 8, "fvu": 0.5, "fvu_all": 0.6, "l0": 3.0, "dead_fraction": 0.1, "rsa": 0.9, "ce": 3.1,
+                "ce_recovered": 0.8, "kl": 0.2}
+    q = RungMetrics.from_json(old_rung)
+    assert q.ce_recovered == 0.8 and q.ce_recovered_se is None and q.kl_se is None and q.ce_context_sums is None
+    assert q._asdict() == {**old_rung, "ce_recovered_se": None, "kl_se": None, "ce_context_sums": None}
+    old_ce = {"ce_clean": 2.0, "ce_zero": 8.0, "n_contexts": 4, "n_tokens": 28, "splice_check": 1e-6, "policy": "p"}
+    b = CEBaseline.from_json(old_ce)
+    assert b.contexts is None and b.clean_sums is None and not b.has_contexts() and not b.same_contexts(b)
+    new = CEBaseline(2.0, 8.0, 2, 14, 0.0, "p", contexts=[0, 3], context_tokens=[7, 7], clean_sums=[13.0, 15.0],
+                     zero_sums=[50.0, 62.0])
+    back = CEBaseline.from_json(json.loads(json.dumps(new.__dict__)))
+    assert back == new and back.same_contexts(new) and not back.same_contexts(b)
+    moved = CEBaseline.from_json({**new.__dict__, "contexts": [0, 4]})
+    assert not moved.same_contexts(new)

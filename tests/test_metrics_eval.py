@@ -12,10 +12,14 @@ from progsae.sae.metrics import (
     FVUAccumulator,
     RSAReference,
     TokenLossAccumulator,
+    bootstrap_weights,
     ce_loss_recovered,
+    ce_recovered_bootstrap,
+    ce_recovered_difference,
     density_histogram,
     fit_power_law,
     fvu,
+    per_token_mean_bootstrap,
     rsa,
 )
 
@@ -133,3 +137,80 @@ def test_density_histogram():
     assert h.edges == [-4.0, -3.0, -2.0, -1.0, 0.0]
     assert h.counts == [0, 1, 1, 2]  # freq 1e-3, 1e-2, 1e-1 and 1 (edges fall in the upper bin)
     assert sum(h.counts) + h.dead == 6
+
+
+def test_token_loss_accumulator_per_context_sums():
+    g = torch.Generator().manual_seed(3)
+    lp_clean = torch.log_softmax(torch.randn(12, 5, generator=g), -1)
+    lp = torch.log_softmax(torch.randn(12, 5, generator=g), -1)
+    t = torch.randint(0, 5, (12,), generator=g)
+    acc = TokenLossAccumulator()
+    acc.update(lp_clean[:8], lp[:8], t[:8], contexts=2)  # two contexts of 4 tokens
+    acc.update(lp_clean[8:], lp[8:], t[8:], contexts=1)
+    assert acc.context_tokens == [4, 4, 4]
+    for c in range(3):
+        sl = slice(4 * c, 4 * c + 4)
+        ce = -lp[sl].double().gather(-1, t[sl, None]).sum()
+        kl = (lp_clean[sl].double().exp() * (lp_clean[sl].double() - lp[sl].double())).sum()
+        assert acc.context_ce[c] == pytest.approx(float(ce), rel=1e-6)
+        assert acc.context_kl[c] == pytest.approx(float(kl), rel=1e-5)
+    assert acc.ce_sum == pytest.approx(sum(acc.context_ce), rel=1e-12) and acc.n == 12
+    with pytest.raises(ValueError, match="equal contexts"):
+        acc.update(lp_clean[:5], lp[:5], t[:5], contexts=2)
+
+
+def test_bootstrap_weights_are_resamples():
+    w = bootstrap_weights(7, n_boot=50, seed=1)
+    assert w.shape == (50, 7) and (w.sum(1) == 7).all() and (w >= 0).all()
+    assert np.array_equal(w, bootstrap_weights(7, n_boot=50, seed=1))  # seeded
+    assert not np.array_equal(w, bootstrap_weights(7, n_boot=50, seed=2))
+
+
+def test_bootstrap_se_of_a_mean_is_std_over_sqrt_n():
+    # Equal token counts: the per-token mean is the plain mean of the per-context values,
+    # whose bootstrap SE is the (ddof=0) sample std / sqrt(n).
+    rng = np.random.default_rng(0)
+    n = 400
+    vals = rng.gamma(2.0, 1.5, n)
+    est = per_token_mean_bootstrap(vals * 10, np.full(n, 10.0), n_boot=4000, seed=0)
+    assert est.value == pytest.approx(vals.mean(), rel=1e-12)
+    assert est.se == pytest.approx(vals.std() / math.sqrt(n), rel=0.05)
+    # CE recovered with CE_clean = 0 and a constant CE_zero = z per context is 1 - mean(sae) / z:
+    # its SE is std(sae) / (z sqrt(n)).
+    z = 20.0
+    rec = ce_recovered_bootstrap(np.zeros(n), np.full(n, z), vals, n_boot=4000, seed=1)
+    assert rec.value == pytest.approx(1 - vals.mean() / z, rel=1e-12)
+    assert rec.se == pytest.approx(vals.std() / (z * math.sqrt(n)), rel=0.05)
+    assert math.isnan(ce_recovered_bootstrap([1.0], [3.0], [2.0]).se)  # one context: no spread
+
+
+def test_ce_recovered_bootstrap_resamples_clean_zero_and_sae_together():
+    # Contexts differ wildly in difficulty but the SAE always recovers exactly half of
+    # each: paired resampling keeps the ratio at 0.5, so the SE is (numerically) zero.
+    rng = np.random.default_rng(4)
+    clean = rng.uniform(1, 50, 64)
+    zero = clean + rng.uniform(10, 200, 64)
+    sae = (clean + zero) / 2
+    est = ce_recovered_bootstrap(clean, zero, sae)
+    assert est.value == pytest.approx(0.5) and est.se < 1e-12
+    with pytest.raises(ValueError, match="one length"):
+        ce_recovered_bootstrap(clean, zero, sae[:-1])
+
+
+def test_paired_difference():
+    rng = np.random.default_rng(5)
+    n = 32
+    clean = rng.uniform(200, 300, n)
+    zero = clean + 600
+    a = clean + rng.uniform(50, 150, n)
+    same = ce_recovered_difference(clean, zero, a, a.copy())
+    assert same.diff == 0.0 and same.se == 0.0 and same.lo == 0.0 and same.hi == 0.0 and not same.resolved()
+    # b worse than a by a constant 30 nats per context: Δ = 30 n / (600 n) = 0.05 exactly,
+    # and pairing removes every bit of the context-to-context spread.
+    d = ce_recovered_difference(clean, zero, a, a + 30)
+    assert d.diff == pytest.approx(0.05) and d.se < 1e-12 and d.resolved()
+    # b = a plus zero-mean noise much larger than its mean shift: unresolved
+    e = rng.normal(0, 40, n)
+    noisy = ce_recovered_difference(clean, zero, a, a + e - e.mean() + 0.5)
+    assert noisy.lo < 0 < noisy.hi and not noisy.resolved()
+    assert noisy.se == pytest.approx(e.std() / (600 * math.sqrt(n)), rel=0.15)

@@ -20,7 +20,9 @@ start token):
   at position 0 is identical in every variant, so it is left out.
 
 CE recovered(G) = (CE_zero - CE_sae) / (CE_zero - CE_clean) over all scored tokens;
-KL(p_clean || p_sae) is the mean per scored token, in nats.
+KL(p_clean || p_sae) is the mean per scored token, in nats. Their standard errors come from
+a bootstrap over the contexts (sae/metrics.py); the per-context CE sums are kept, with the
+context indices, so two checkpoints evaluated on the same contexts can be compared paired.
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ from tqdm.auto import tqdm
 
 from progsae.sae import checkpoint
 from progsae.sae.codec import SAE
-from progsae.sae.metrics import TokenLossAccumulator, ce_loss_recovered
+from progsae.sae.metrics import (
+    TokenLossAccumulator,
+    ce_loss_recovered,
+    ce_recovered_bootstrap,
+    per_token_mean_bootstrap,
+)
 from progsae.trainer.activations import ActivationCache
-from progsae.trainer.eval_types import CEBaseline
+from progsae.trainer.eval_types import CEBaseline, CERung
 
 if TYPE_CHECKING:
     from progsae.trainer.evaluate import EvalConfig, Variant
@@ -75,8 +82,8 @@ def _splice(hidden: Tensor, keep: Tensor, repl: Tensor) -> Tensor:
 @torch.no_grad()
 def splice_eval(ck: checkpoint.Checkpoint, sae: SAE, variants: list[Variant], cache: ActivationCache,
                 keep: np.ndarray, cfg: EvalConfig, model: nn.Module | None = None
-                ) -> tuple[CEBaseline, dict[tuple[str, int], tuple[float, float, float]]]:
-    """CE baselines and {(ordering, G): (CE, CE recovered, KL)}."""
+                ) -> tuple[CEBaseline, dict[tuple[str, int], CERung]]:
+    """CE baselines and the CE numbers of every (ordering, G)."""
     from progsae.trainer.models import forward_from_layer, hidden_at_layer
 
     if model is None:
@@ -123,21 +130,26 @@ def splice_eval(ck: checkpoint.Checkpoint, sae: SAE, variants: list[Variant], ca
             return torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
 
         lp_clean = run(hidden)
-        clean.update(lp_clean, lp_clean, targets)
-        zero.update(lp_clean, run(_splice(hidden, kb, torch.zeros_like(x))), targets)
+        clean.update(lp_clean, lp_clean, targets, contexts=B)
+        zero.update(lp_clean, run(_splice(hidden, kb, torch.zeros_like(x))), targets, contexts=B)
         codes = sae.encode(x)
         full_done = False
         for v in variants:
             for rung in v.sae.progressive(v.relabel(codes), ladder):
                 if rung.g == sae.d_sae and full_done:
                     continue
-                accs[(v.name, rung.g)].update(lp_clean, run(_splice(hidden, kb, rung.recon)), targets)
+                accs[(v.name, rung.g)].update(lp_clean, run(_splice(hidden, kb, rung.recon)), targets, contexts=B)
                 full_done = full_done or rung.g == sae.d_sae
     bar.close()
     first_full = accs[(variants[0].name, sae.d_sae)]
-    out = {}
-    for (name, g), acc in accs.items():
-        a = first_full if g == sae.d_sae else acc
-        out[(name, g)] = (a.ce, ce_loss_recovered(clean.ce, zero.ce, a.ce), a.kl)
-    base = CEBaseline(clean.ce, zero.ce, len(ctx), clean.n, check, POLICY)
+    out = {key: _rung(clean, zero, first_full if key[1] == sae.d_sae else acc) for key, acc in accs.items()}
+    base = CEBaseline(clean.ce, zero.ce, len(ctx), clean.n, check, POLICY, contexts=[int(c) for c in ctx],
+                      context_tokens=clean.context_tokens, clean_sums=clean.context_ce, zero_sums=zero.context_ce)
     return base, out
+
+
+def _rung(clean: TokenLossAccumulator, zero: TokenLossAccumulator, sae: TokenLossAccumulator) -> CERung:
+    """One variant's CE, CE recovered and KL, with their bootstrap SEs over the contexts."""
+    rec = ce_recovered_bootstrap(clean.context_ce, zero.context_ce, sae.context_ce)
+    kl = per_token_mean_bootstrap(sae.context_kl, sae.context_tokens)
+    return CERung(sae.ce, ce_loss_recovered(clean.ce, zero.ce, sae.ce), sae.kl, rec.se, kl.se, list(sae.context_ce))

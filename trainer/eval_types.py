@@ -16,7 +16,7 @@ if they were computed on the same activations with the same settings.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 from progsae.sae.metrics import DensityHistogram, PowerLaw
@@ -44,6 +44,32 @@ class RungMetrics(NamedTuple):
     """(CE_zero - CE) / (CE_zero - CE_clean)."""
     kl: float | None = None
     """Mean per-token KL(p_clean || p_sae) in nats."""
+    ce_recovered_se: float | None = None
+    """Bootstrap standard error of ce_recovered, resampling the evaluated contexts."""
+    kl_se: float | None = None
+    """Bootstrap standard error of kl, resampling the evaluated contexts."""
+    ce_context_sums: list[float] | None = None
+    """CE summed over each evaluated context (nats), in the order of CEBaseline.contexts."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RungMetrics:
+        """From a metrics.json rung; fields it lacks (older files) take their defaults."""
+        return cls(**{k: d[k] for k in cls._fields if k in d})
+
+
+CE_KEYS = ("ce", "ce_recovered", "kl", "ce_recovered_se", "kl_se", "ce_context_sums")
+"""The RungMetrics fields measured by the CE splice evaluation."""
+
+
+class CERung(NamedTuple):
+    """The CE splice numbers of one (ordering, G)."""
+
+    ce: float
+    ce_recovered: float
+    kl: float
+    ce_recovered_se: float
+    kl_se: float
+    ce_context_sums: list[float]
 
 
 @dataclass
@@ -77,6 +103,33 @@ class CEBaseline:
     """Max relative error of the model's hidden_L vs the cached activations (sanity check)."""
     policy: str
     """How positions were treated (what is spliced where)."""
+    contexts: list[int] | None = None
+    """Cache context indices evaluated (`pick_contexts`), in order (None: metrics.json from before)."""
+    context_tokens: list[int] | None = None
+    """Scored tokens per evaluated context."""
+    clean_sums: list[float] | None = None
+    """Clean-model CE summed over each evaluated context (nats)."""
+    zero_sums: list[float] | None = None
+    """Zero-ablated CE summed over each evaluated context (nats)."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CEBaseline:
+        """From metrics.json's eval.ce; fields it lacks (older files) take their defaults."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def has_contexts(self) -> bool:
+        """Per-context sums were recorded (needed for paired comparisons)."""
+        return None not in (self.contexts, self.context_tokens, self.clean_sums, self.zero_sums)
+
+    def same_contexts(self, other: CEBaseline, rtol: float = 1e-5) -> bool:
+        """Both evaluated the same contexts: same indices and token counts, same clean and zero CE."""
+        if not (self.has_contexts() and other.has_contexts()):
+            return False
+        if self.contexts != other.contexts or self.context_tokens != other.context_tokens:
+            return False
+        return all(math.isclose(a, b, rel_tol=rtol) for mine, theirs in
+                   ((self.clean_sums, other.clean_sums), (self.zero_sums, other.zero_sums))
+                   for a, b in zip(mine or [], theirs or []))
 
 
 @dataclass
@@ -140,8 +193,7 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         for name in ORDERING_NAMES:
             if name in new and name in old:
                 prev = {r["g"]: r for r in old[name]["rungs"]}
-                keys = ("ce", "ce_recovered", "kl")
-                rungs = [{**r, **{k: prev.get(r["g"], {}).get(k) for k in keys}} for r in new[name]["rungs"]]
+                rungs = [{**r, **{k: prev.get(r["g"], {}).get(k) for k in CE_KEYS}} for r in new[name]["rungs"]]
                 new[name] = {**new[name], "rungs": rungs}
     out.update(new)
     out["summary"] = summarise(out)
@@ -163,6 +215,8 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
     }
     if top.get("ce_recovered") is not None:
         s["ce_recovered"] = _r(top["ce_recovered"])
+        if top.get("ce_recovered_se") is not None:
+            s["ce_recovered_se"] = _r(top["ce_recovered_se"])
     g1 = m[names[0]]["rungs"][0]["g"]
     for n in names:
         s[f"fvu@{g1}[{n}]"] = _r(m[n]["rungs"][0]["fvu"])

@@ -157,9 +157,7 @@ def evaluate(ckpt_path: str | Path, acts_dir: str | Path, cfg: EvalConfig | None
                 l0=stream.l0[v.name][j] / n_kept,
                 dead_fraction=float((fires[v.perm][:g] == 0).double().mean()),
                 rsa=rsa[v.name][j],
-                ce=None if ce_v is None else ce_v[0],
-                ce_recovered=None if ce_v is None else ce_v[1],
-                kl=None if ce_v is None else ce_v[2],
+                **({} if ce_v is None else ce_v._asdict()),
             ))
         orderings[v.name] = _ordering_result(ck, v, rungs, importance)
     settings = {"outlier_factor": factor, "max_tokens": cfg.max_tokens, "rsa_tokens": cfg.rsa_tokens,
@@ -277,14 +275,16 @@ def format_table(result: EvalResult) -> str:
     """Plain-text table of every rung of every ordering."""
     ce = result.ce is not None
     head = f"{'ordering':9} {'G':>6} {'FVU':>8} {'FVU_all':>8} {'L0':>6} {'dead':>6} {'RSA':>6}"
-    head += f" {'CE':>7} {'CE_rec':>7} {'KL':>7}" if ce else ""
+    head += f" {'CE':>7} {'CE_rec ± se':>15} {'KL':>7}" if ce else ""
     lines = [head]
     for name, o in result.orderings.items():
         for r in o.rungs:
             line = (f"{name:9} {r.g:6d} {r.fvu:8.4f} {r.fvu_all:8.4f} {r.l0:6.2f} {r.dead_fraction:6.3f} "
                     f"{r.rsa:6.3f}")
             if ce and r.ce is not None:
-                line += f" {r.ce:7.4f} {r.ce_recovered:7.4f} {r.kl:7.4f}"
+                known = r.ce_recovered_se is not None and np.isfinite(r.ce_recovered_se)
+                se = f"±{r.ce_recovered_se:.4f}" if known else ""
+                line += f" {r.ce:7.4f} {f'{r.ce_recovered:.4f}{se}':>15} {r.kl:7.4f}"
             lines.append(line)
         if o.power_law is not None:
             pl = o.power_law

@@ -4,18 +4,23 @@ Reads each checkpoint's metrics.json (written by `progsae eval`) and meta; draws
 loss recovered and RSA against G for every evaluated variant (Matryoshka; TopK sorted by
 E[a^2], by frequency, unsorted), the log-log importance curves with their power-law fits,
 the latent density histograms and training throughput per architecture; checks the
-paper's claims on the numbers and states plainly whether each holds.
+paper's claims on the numbers and states plainly whether each holds. CE loss recovered is
+shown with its bootstrap standard error where metrics.json has one, and an ordering claim in
+CE recovered is "unresolved" at a G where a paired bootstrap over the shared contexts cannot
+tell the two variants apart (its 95% interval of the difference contains 0).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from progsae.sae import checkpoint
+from progsae.sae.metrics import PairedDifference, ce_recovered_difference
+from progsae.trainer.eval_types import CEBaseline
 
 LABELS = {("matryoshka", "none"): "Matryoshka", ("topk", "mean_sq"): "TopK sorted by E[a²]",
           ("topk", "freq"): "TopK sorted by freq", ("topk", "none"): "TopK unsorted"}
@@ -115,41 +120,92 @@ def _find_key(d: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 class Claim:
     claim: str
     holds: bool | None
-    """None: not measurable from these checkpoints."""
+    """None: not measurable from these checkpoints, or (with `unresolved`) not resolved by them."""
     detail: str
+    unresolved: list[int] = field(default_factory=list)
+    """Rungs G at which the data cannot tell the compared variants apart."""
+
+    @property
+    def verdict(self) -> str:
+        """The report's "holds?" cell."""
+        if self.holds is False:
+            return "**no**"
+        if self.unresolved:
+            return "unresolved"
+        return "n/a" if self.holds is None else "yes"
 
 
 def _by_label(variants: list[Variant]) -> dict[str, Variant]:
     return {v.label: v for v in variants}
 
 
-def _ordered(vs: dict[str, Variant], chain: list[str], key: str, higher: bool) -> Claim:
+def _paired_diffs(have: list[Variant], j: int, baselines: dict[str, CEBaseline]) -> list[PairedDifference] | None:
+    """CE recovered of each variant minus the next one's at rung j, paired over shared contexts.
+
+    None unless every variant has per-context CE sums at rung j and all were evaluated on
+    the same contexts (same indices, token counts, clean and zero-ablated losses).
+    """
+    base = [baselines.get(v.ckpt) for v in have]
+    sums = [v.rungs[j].get("ce_context_sums") for v in have]
+    b0 = base[0]
+    if b0 is None or any(b is None or not b0.same_contexts(b) for b in base) or any(s is None for s in sums):
+        return None
+    if any(len(s) != len(b0.clean_sums or []) for s in sums):
+        return None
+    return [ce_recovered_difference(b0.clean_sums or [], b0.zero_sums or [], a, b) for a, b in zip(sums, sums[1:])]
+
+
+def _pairs_hold(diffs: list[PairedDifference], higher: bool) -> bool | None:
+    """False if some pair is resolved in the wrong direction, None if some is unresolved, else True."""
+    if any((d.hi < 0) if higher else (d.lo > 0) for d in diffs):
+        return False
+    return True if all(d.resolved() for d in diffs) else None
+
+
+def _ordered(vs: dict[str, Variant], chain: list[str], key: str, higher: bool,
+             baselines: dict[str, CEBaseline] | None = None) -> Claim:
     have = [vs[c] for c in chain if c in vs]
     name = f"{' > '.join(chain)} in {key} at every G < M"
     if len(have) < 2:
         return Claim(name, None, "needs at least two of these variants")
     gs = have[0].g[:-1]
-    fails, cells = [], []
+    fails, unresolved, cells = [], [], []
     for j, g in enumerate(gs):
         vals = [v.rungs[j].get(key) for v in have]
         if any(x is None for x in vals):
             return Claim(name, None, f"{key} not measured (run eval with --ce)" if key.startswith(("ce", "kl"))
                          else f"{key} missing")
-        good = all((a > b) if higher else (a < b) for a, b in zip(vals, vals[1:]))
-        cells.append(f"G={g}: " + " vs ".join(f"{x:.4g}" for x in vals))
-        if not good:
+        ok: bool | None = all((a > b) if higher else (a < b) for a, b in zip(vals, vals[1:]))
+        cell = f"G={g}: " + " vs ".join(f"{x:.4g}" for x in vals)
+        diffs = _paired_diffs(have, j, baselines or {}) if key == "ce_recovered" else None
+        if diffs is not None:
+            ok = _pairs_hold(diffs, higher)
+            cell += ", paired Δ " + ", ".join(f"{d.diff:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}]" for d in diffs)
+        cells.append(cell)
+        if ok is None:
+            unresolved.append(g)
+        elif not ok:
             fails.append(g)
-    verdict = "holds at every G < M" if not fails else f"fails at G = {', '.join(map(str, fails))}"
-    return Claim(name, not fails, f"{verdict} ({'; '.join(cells)})")
+    parts = ([f"fails at G = {', '.join(map(str, fails))}"] if fails else []) + (
+        [f"unresolved at G = {', '.join(map(str, unresolved))} (95% bootstrap interval of the paired difference "
+         "contains 0)"] if unresolved else [])
+    verdict = "; ".join(parts) or "holds at every G < M"
+    holds = False if fails else (None if unresolved else True)
+    return Claim(name, holds, f"{verdict} ({'; '.join(cells)})", unresolved)
+
+
+def _baselines(infos: list[CheckpointInfo]) -> dict[str, CEBaseline]:
+    """{checkpoint path: its CE baseline} for the checkpoints evaluated with --ce."""
+    return {i.path: CEBaseline.from_json(i.eval["ce"]) for i in infos if i.eval.get("ce")}
 
 
 def claims(variants: list[Variant], infos: list[CheckpointInfo]) -> list[Claim]:
-    vs = _by_label(variants)
+    vs, base = _by_label(variants), _baselines(infos)
     chain = ["Matryoshka", "TopK sorted by E[a²]", "TopK unsorted"]
-    out = [_ordered(vs, chain, "fvu", False), _ordered(vs, chain, "ce_recovered", True),
+    out = [_ordered(vs, chain, "fvu", False), _ordered(vs, chain, "ce_recovered", True, base),
            _ordered(vs, chain, "rsa", True)]
     pair = ["TopK sorted by E[a²]", "TopK sorted by freq"]
-    out += [_ordered(vs, pair, "fvu", False), _ordered(vs, pair, "ce_recovered", True),
+    out += [_ordered(vs, pair, "fvu", False), _ordered(vs, pair, "ce_recovered", True, base),
             _ordered(vs, pair, "rsa", True)]
     for v in variants:
         pl = v.power_law
@@ -177,6 +233,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _fmt_se(v: Any, se: Any) -> str:
+    """`value ± se` where the standard error is known, else the plain value."""
+    if isinstance(se, float) and math.isfinite(se) and _fmt(v) != "–":
+        return f"{_fmt(v)} ± {se:.4f}"
+    return _fmt(v)
+
+
 def metric_tables(variants: list[Variant]) -> str:
     lines = []
     for key, title, _ in METRICS:
@@ -186,8 +249,8 @@ def metric_tables(variants: list[Variant]) -> str:
         lines += [f"### {title}", "", "| variant | " + " | ".join(f"G={g}" for g in gs) + " |",
                   "|---|" + "---:|" * len(gs)]
         for v in variants:
-            by_g = dict(zip(v.g, v.series(key)))
-            lines.append(f"| {v.label} | " + " | ".join(_fmt(by_g.get(g)) for g in gs) + " |")
+            by_g = dict(zip(v.g, zip(v.series(key), v.series(f"{key}_se"))))
+            lines.append(f"| {v.label} | " + " | ".join(_fmt_se(*by_g.get(g, (None, None))) for g in gs) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -207,13 +270,13 @@ def write_report(paths: list[str], out: str | Path) -> Path:
                   f"layer {i.meta.layer}, {i.meta.training_tokens:,} training tokens; eval on "
                   f"{e.get('n_tokens', 0):,} held-out rows ({o.get('excluded', 0)} of {o.get('total', 0)} "
                   f"excluded as outliers, factor {o.get('factor')}), RSA on {e.get('rsa_tokens')} tokens"
-                  + (f", CE on {ce['n_tokens']:,} tokens (clean {ce['ce_clean']:.4f}, zero-ablated "
-                     f"{ce['ce_zero']:.4f} nats)" if ce else "")
+                  + (f", CE on {ce['n_tokens']:,} tokens of {ce['n_contexts']} contexts (clean "
+                     f"{ce['ce_clean']:.4f}, zero-ablated {ce['ce_zero']:.4f} nats)" if ce else "")
                   + f"; dead latents {_fmt(e.get('dead_fraction'))}; training "
                   + (f"{i.tokens_per_s:,.0f} tokens/s ({i.throughput_source})" if i.tokens_per_s else "tokens/s n/a"))
     md += ["", "## Claims", "", "| claim | holds? | numbers |", "|---|---|---|"]
     for c in claims(variants, infos):
-        md.append(f"| {c.claim} | {'n/a' if c.holds is None else ('yes' if c.holds else '**no**')} | {c.detail} |")
+        md.append(f"| {c.claim} | {c.verdict} | {c.detail} |")
     md += ["", "## Figures", ""] + [f"![{t}]({f.name})" for t, f in figs] + ["", "## Every metric at every G", ""]
     md.append(metric_tables(variants))
     md += ["## Power-law fits of the ordering scores", "", "| variant | scores | alpha | R² | n |",
