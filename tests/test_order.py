@@ -54,6 +54,24 @@ def test_order_both_criteria_ours(tmp_path, cache, capsys):
     assert "ordering mean_sq" in capsys.readouterr().out
 
 
+def test_order_uses_the_outlier_factor_the_checkpoint_was_trained_with(tmp_path, cache):
+    """Scored on the rows training saw: a checkpoint trained with factor f is ordered with f."""
+    def order(meta_extra, *flags):
+        ck = ours(tmp_path / f"ck{len(list(tmp_path.iterdir()))}")
+        meta = json.loads((ck / "cfg.json").read_text())
+        meta["progsae"]["extra"].update(meta_extra)
+        (ck / "cfg.json").write_text(json.dumps(meta))
+        assert cli.main(["order", str(ck), "--activations", str(cache), "--by", "mean_sq", *flags]) == 0
+        return checkpoint.load(ck).orderings["mean_sq"].scores
+
+    default = order({})
+    tight = order({"outlier_factor": 1.01})  # drops about half of these rows
+    assert not torch.allclose(tight, default)
+    torch.testing.assert_close(tight, order({}, "--outlier-factor", "1.01"))
+    torch.testing.assert_close(order({"outlier_factor": None}), order({}, "--outlier-factor", "0"))
+    torch.testing.assert_close(order({"outlier_factor": 1.01}, "--outlier-factor", "10"), default)
+
+
 def test_order_tokens_budget(tmp_path, cache):
     ck = ours(tmp_path / "ck")
     assert cli.main(["order", str(ck), "--activations", str(cache), "--by", "all", "--tokens", "100"]) == 0

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mean_sq (E[(a*||W_dec||)^2], default), freq (firing frequency), a comma list, or all")
     p.add_argument("--tokens", type=int, default=0, help="tokens to use (default: the whole cache)")
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--outlier-factor", type=float, default=10.0, help="0 keeps outlier tokens (default 10)")
+    p.add_argument("--outlier-factor", type=float, default=None,
+                   help="0 keeps outlier tokens (default: the factor the checkpoint was trained with, else 10)")
     p.set_defaults(func=run)
 
 
@@ -83,9 +84,12 @@ def compute_orderings(checkpoint_dir: str | Path, activations: str | Path, crite
 def run(args: argparse.Namespace) -> int:
     from progsae.sae import checkpoint
     from progsae.sae.metrics import fit_power_law
+    from progsae.trainer.evaluate import outlier_factor_of
 
+    factor = outlier_factor_of(checkpoint.load_meta(args.checkpoint)) if args.outlier_factor is None \
+        else (args.outlier_factor or None)
     orderings = compute_orderings(args.checkpoint, args.activations, args.by, args.tokens, args.batch_size,
-                                  args.outlier_factor or None, progress=sys.stderr.isatty())
+                                  factor, progress=sys.stderr.isatty())
     checkpoint.write_orderings(args.checkpoint, orderings)
     for name, o in orderings.items():
         s = o.sorted_scores()
