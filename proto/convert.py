@@ -6,6 +6,7 @@ message naming the field; the server maps it to INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -83,11 +84,14 @@ def to_numpy(t: pb.Tensor, what: str = "tensor") -> np.ndarray:
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise WireError(f"{what}.shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: a product of huge dimensions cannot wrap around
     if count * np_dtype.itemsize != len(t.data):
         raise WireError(f"{what}: shape {list(shape)} x {name} needs {count * np_dtype.itemsize} bytes, "
                         f"got {len(t.data)}")
-    a = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    try:
+        a = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    except ValueError:  # numpy refuses the shape (e.g. a zero-size tensor with a 2**62 dimension)
+        raise WireError(f"{what}.shape {list(shape)} is not a valid array shape") from None
     if name == "bfloat16":
         a = (a.astype(np.uint32) << 16).view(np.float32)
     elif name == "float16":

@@ -30,6 +30,10 @@ def test_tensor_is_little_endian_raw_bytes():
     (lambda t: t.shape.append(2), "bytes"),
     (lambda t: setattr(t, "data", t.data[:-1]), "bytes"),
     (lambda t: t.shape.__setitem__(0, -1), "negative"),
+    # shapes whose int64 product wraps around: to 0, and to exactly the 6 elements sent
+    (lambda t: t.shape.extend([2**32, 2**32]), "bytes"),
+    (lambda t: t.shape.__setitem__(slice(None), [9, (3 * 2**64 + 6) // 9]), "bytes"),
+    (lambda t: (t.shape.__setitem__(slice(None), [0, 2**62, 2**62]), setattr(t, "data", b"")), "not a valid"),
 ])
 def test_bad_tensors(mutate, msg):
     t = convert.from_numpy(np.zeros((2, 3), np.float32))
