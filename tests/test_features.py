@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -128,4 +129,21 @@ def test_cli(setup, capsys):
     assert "latents over" in capsys.readouterr().out
     info = json.loads((ck / features.INFO).read_text())
     assert info["top_n"] == 2 and info["window"] == 1 and info["tokens"] == 64
+    assert info["outlier_factor"] == 10.0  # testing.make_checkpoint records no factor: the default
     assert main(["features", str(ck), "--activations", str(ck)]) == 2  # not a cache: one-line error
+
+
+def test_cli_uses_the_outlier_factor_the_checkpoint_was_trained_with(setup, tmp_path):
+    ck, acts, *_ = setup
+    mine = tmp_path / "ck"
+    shutil.copytree(ck, mine)
+    cfg = json.loads((mine / "cfg.json").read_text())
+    cfg["progsae"]["extra"]["outlier_factor"] = 1.01  # about half of these rows lie above 1.01x the median
+    (mine / "cfg.json").write_text(json.dumps(cfg))
+    args = ["features", str(mine), "--activations", str(acts), "--no-lens", "--top-n", "1", "--window", "0"]
+    assert main(args) == 0
+    tight = json.loads((mine / features.INFO).read_text())
+    assert tight["outlier_factor"] == 1.01 and tight["tokens"] < N_CTX * (CONTEXT - 1) * 0.8
+    assert main([*args, "--outlier-factor", "0"]) == 0
+    every = json.loads((mine / features.INFO).read_text())
+    assert every["outlier_factor"] is None and every["tokens"] == N_CTX * (CONTEXT - 1)

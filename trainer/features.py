@@ -245,6 +245,7 @@ def compute(sae: SAE, cache: ActivationCache, cfg: FeatureConfig, decode: Decode
     info = {"format": FORMAT, "top_n": cfg.top_n, "window": cfg.window, "promoted": cfg.promoted,
             "tokens": tokens, "contexts": n_ctx, "d_sae": sae.d_sae, "order": "none",
             "activations": str(cache.dir), "model": cache.manifest.model, "layer": cache.manifest.layer,
+            "outlier_factor": cache.outlier_factor,
             "logit_lens": lens is not None, "vocab": dict(zip(map(str, vocab_ids), strings))}
     return FeatureCards(tensors, info)
 

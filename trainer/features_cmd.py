@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--promoted", type=int, default=10, help="promoted output tokens per latent (default 10)")
     p.add_argument("--tokens", type=int, default=0, help="use about this many tokens of the cache (default: all)")
     p.add_argument("--batch-contexts", type=int, default=32, help="contexts encoded per step")
-    p.add_argument("--outlier-factor", type=float, default=10.0, help="0 keeps outlier tokens (default 10)")
+    p.add_argument("--outlier-factor", type=float, default=None,
+                   help="0 keeps outlier tokens (default: the factor the checkpoint was trained with, else 10)")
     p.add_argument("--no-lens", action="store_true", help="skip the language model (no promoted tokens)")
     p.set_defaults(func=run)
 
@@ -54,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
     from . import features
     from .activations import ActivationCache
+    from .evaluate import outlier_factor_of
 
     meta = checkpoint.load_meta(args.checkpoint)
-    cache = ActivationCache(args.activations, outlier_factor=args.outlier_factor or None)
+    factor = outlier_factor_of(meta) if args.outlier_factor is None else (args.outlier_factor or None)
+    cache = ActivationCache(args.activations, outlier_factor=factor)
     man = cache.manifest
     if meta.model and meta.model != man.model or meta.layer is not None and meta.layer != man.layer:
         print(f"progsae features: warning: cache is {man.model} layer {man.layer}, checkpoint says "
