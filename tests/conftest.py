@@ -29,3 +29,12 @@ def random_sae(d: int = 16, m: int = 64, k: int = 8, seed: int = 0, scale: float
 @pytest.fixture
 def sae() -> SAE:
     return random_sae()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on tiny tensors a thread pool only adds synchronisation cost (2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

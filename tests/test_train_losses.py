@@ -24,14 +24,8 @@ from progsae.trainer.sparse_topk import topk_encode, topk_encode_dense
 
 D, M, K, B = 8, 32, 4, 64
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a thread pool only adds synchronisation cost on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 LADDER = (4, 8, 16, 32)
 
 

@@ -24,14 +24,7 @@ from progsae.trainer.train_state import state_dir
 
 D = 8
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a thread pool only adds synchronisation cost on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cache(path: Path, d: int = D, n: int = 1200, model: str = "synthetic", seed: int = 0) -> Path:
