@@ -99,6 +99,12 @@ def outlier_factor_of(meta: checkpoint.CheckpointMeta) -> float | None:
     return DEFAULT_OUTLIER_FACTOR
 
 
+def resolve_outlier_factor(meta: checkpoint.CheckpointMeta, asked: float | None) -> float | None:
+    """The factor to apply: `asked` (a flag; <= 0 keeps every row) or, if None, the checkpoint's own."""
+    factor = outlier_factor_of(meta) if asked is None else asked
+    return None if factor is None or factor <= 0 else factor
+
+
 def check_compatible(ck: checkpoint.Checkpoint, cache: ActivationCache) -> None:
     m, man = ck.meta, cache.manifest
     if man.d_model != m.d_in:
@@ -119,9 +125,7 @@ def evaluate(ckpt_path: str | Path, acts_dir: str | Path, cfg: EvalConfig | None
     t0 = time.perf_counter()
     ck = checkpoint.load(ckpt_path)
     names = resolve_orderings(ck, cfg.ordering)
-    factor = outlier_factor_of(ck.meta) if cfg.outlier_factor is None else cfg.outlier_factor
-    if factor is not None and factor <= 0:
-        factor = None
+    factor = resolve_outlier_factor(ck.meta, cfg.outlier_factor)
     cache_all = ActivationCache(acts_dir, outlier_factor=None)
     check_compatible(ck, cache_all)
     policy = ActivationCache(acts_dir, outlier_factor=factor)

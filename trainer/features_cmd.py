@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     from . import features
     from .activations import ActivationCache
-    from .evaluate import outlier_factor_of
+    from .evaluate import resolve_outlier_factor
 
     meta = checkpoint.load_meta(args.checkpoint)
-    factor = outlier_factor_of(meta) if args.outlier_factor is None else (args.outlier_factor or None)
+    factor = resolve_outlier_factor(meta, args.outlier_factor)
     cache = ActivationCache(args.activations, outlier_factor=factor)
     man = cache.manifest
     if meta.model and meta.model != man.model or meta.layer is not None and meta.layer != man.layer:

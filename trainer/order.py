@@ -84,10 +84,9 @@ def compute_orderings(checkpoint_dir: str | Path, activations: str | Path, crite
 def run(args: argparse.Namespace) -> int:
     from progsae.sae import checkpoint
     from progsae.sae.metrics import fit_power_law
-    from progsae.trainer.evaluate import outlier_factor_of
+    from progsae.trainer.evaluate import resolve_outlier_factor
 
-    factor = outlier_factor_of(checkpoint.load_meta(args.checkpoint)) if args.outlier_factor is None \
-        else (args.outlier_factor or None)
+    factor = resolve_outlier_factor(checkpoint.load_meta(args.checkpoint), args.outlier_factor)
     orderings = compute_orderings(args.checkpoint, args.activations, args.by, args.tokens, args.batch_size,
                                   factor, progress=sys.stderr.isatty())
     checkpoint.write_orderings(args.checkpoint, orderings)
