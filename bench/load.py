@@ -2,7 +2,7 @@
 
 Bounded in time (--duration) and count (--max-calls), loopback only. Either drives a running server
 (--target host:port) or, with --spawn, writes small synthetic checkpoints (core checkpoint.save via
-server/testing.py), starts `progsae serve` on them on free loopback ports, and stops it afterwards.
+progsae.server.testing), starts `progsae serve` on them on free loopback ports, and stops it afterwards.
 
 Reports: failed calls by status (must be zero), per-method p50/p99 latency, whether every stream ended
 complete or stopped for a budget its own request set, the RSS of every server process (Ray's replicas,

@@ -56,7 +56,7 @@ Please close the window, it is getting cold in here.""".split("\n")
 
 def harvest(lm, out: Path) -> Path:
     """Pack the sentences into contexts of CONTEXT tokens (start token first) and store the layer's activations."""
-    from progsae.trainer.models import hidden_at_layer
+    from progsae.lm.models import hidden_at_layer
 
     ids: list[int] = []
     for s in SENTENCES:
@@ -109,7 +109,7 @@ def progressive_fit(z: torch.Tensor, target: torch.Tensor, order: torch.Tensor) 
 
 def build(root: Path, with_lm: bool = True) -> dict:
     """Write mat/ and topk/ checkpoints (+ cards, metrics) and the cache under root."""
-    from progsae.trainer.models import load_model
+    from progsae.lm.models import load_model
 
     lm = load_model(LM)
     acts = harvest(lm, root / "acts")

@@ -156,8 +156,8 @@ def perfect_sae():
 
 
 def test_ce_splice_through_tiny_llama(tmp_path):
+    from progsae.lm.models import hidden_at_layer
     from progsae.trainer.activations import CacheWriter, Manifest
-    from progsae.trainer.models import hidden_at_layer
 
     model, layer, n_ctx = tiny_llama(), 1, 6
     ids = torch.from_numpy(np.random.default_rng(0).integers(2, fx.VOCAB, size=(n_ctx, fx.CONTEXT)))

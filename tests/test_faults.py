@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from progsae.clients import Client, ProgsaeError
-from progsae.proto import convert
-from progsae.proto import progsae_pb2 as pb
-from progsae.proto import progsae_pb2_grpc as pb_grpc
 from progsae.server import testing
 from progsae.server.grpc_server import GrpcServerConfig, PlainServer
 from progsae.server.registry import RegistryConfig
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
+from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Feature cards (trainer/features.py) on a tiny synthetic cache, checked against brute force."""
+"""Feature cards (progsae.trainer.features) on a tiny synthetic cache, checked against brute force."""
 
 from __future__ import annotations
 

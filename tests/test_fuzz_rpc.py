@@ -16,14 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from progsae.proto import convert
-from progsae.proto import progsae_pb2 as pb
-from progsae.proto import progsae_pb2_grpc as pb_grpc
 from progsae.server import testing
 from progsae.server.grpc_server import PlainServer
 from progsae.server.registry import RegistryConfig
 from progsae.server.service import ServiceConfig
 from progsae.server.validate import Limits
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
+from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 D, M = 8, 64
 LIMITS = Limits(max_request_bytes=32 * 1024, max_response_bytes=16 * 1024, max_tokens=128, max_rungs=64,

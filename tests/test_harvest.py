@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from progsae.lm import models as M
 from progsae.server.testing import free_port
 from progsae.trainer import corpora as C
 from progsae.trainer import harvest as H
-from progsae.trainer import models as M
 from progsae.trainer.activations import ActivationCache, CacheError, Manifest
 
 SMALL = dict(corpus="wikipedia,chitchat", split="heldout", context=16, batch=4, threads=1, progress=False)

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from progsae.trainer import models as M
+from progsae.lm import models as M
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
-"""Wire conversions (proto/convert.py): tensors and sparse codes round-trip; malformed ones fail in one line."""
+"""Wire conversions (progsae.v1.convert): tensors and sparse codes round-trip; malformed ones fail in one line."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from progsae.proto import convert
-from progsae.proto import progsae_pb2 as pb
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 0), ("float64", 0), ("float16", 1e-3), ("bfloat16", 1e-2)])

@@ -17,15 +17,15 @@ from hypothesis import strategies as st
 
 from progsae.cli import main
 from progsae.clients import Client, ProgsaeError
-from progsae.proto import convert
-from progsae.proto import progsae_pb2 as pb
-from progsae.proto import progsae_pb2_grpc as pb_grpc
 from progsae.server import testing
 from progsae.server.errors import ServiceError
 from progsae.server.grpc_server import GrpcServerConfig, PlainServer
 from progsae.server.registry import Registry, RegistryConfig
 from progsae.server.service import ServiceConfig
 from progsae.server.validate import Limits
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
+from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ["progsae", "sae", "trainer", "server", "clients", "proto", "bench"]

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from test_fuzz_rpc import ALLOWED, GOOD_X, LIMITS, ONE_FIELD, D, M, clean_message, one_field_request
 
 from progsae.clients import Client, ProgsaeError
-from progsae.proto import convert
-from progsae.proto import progsae_pb2 as pb
-from progsae.proto import progsae_pb2_grpc as pb_grpc
 from progsae.server import launch, testing
 from progsae.server.config import AppConfig
 from progsae.server.testing import free_port
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
+from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 TOKEN = "ray-s3cret"
 ENV = "PROGSAE_TEST_AUTH_TOKEN"

@@ -21,13 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 
 from progsae.clients import Client, ProgsaeError  # noqa: E402
-from progsae.proto import progsae_pb2 as pb  # noqa: E402
-from progsae.proto import progsae_pb2_grpc as pb_grpc  # noqa: E402
 from progsae.sae import checkpoint  # noqa: E402
 from progsae.server import launch, testing  # noqa: E402
 from progsae.server.config import AppConfig  # noqa: E402
 from progsae.server.testing import free_port  # noqa: E402
 from progsae.server.validate import Limits  # noqa: E402
+from progsae.v1 import progsae_pb2 as pb  # noqa: E402
+from progsae.v1 import progsae_pb2_grpc as pb_grpc  # noqa: E402
 
 LIMITS = Limits(max_request_bytes=1 << 20, max_tokens=4096)
 
@@ -118,7 +118,7 @@ def test_multiplexing_two_checkpoints(client, x):
 
 def test_model_id_field_and_metadata_must_agree(client, x):
     stub = pb_grpc.ProgsaeStub(client.channel)
-    from progsae.proto import convert
+    from progsae.v1 import convert
 
     req = pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(x))
     with pytest.raises(grpc.RpcError) as e:

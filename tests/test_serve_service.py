@@ -12,9 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from progsae.clients import Client, ProgsaeError
-from progsae.proto import convert
-from progsae.proto import progsae_pb2 as pb
-from progsae.proto import progsae_pb2_grpc as pb_grpc
 from progsae.sae import checkpoint, metrics
 from progsae.server import testing
 from progsae.server.errors import ServiceError, Status
@@ -22,6 +19,9 @@ from progsae.server.grpc_server import PlainServer
 from progsae.server.registry import Registry, RegistryConfig
 from progsae.server.service import CodecService, ServiceConfig
 from progsae.server.validate import Limits
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
+from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 LIMITS = Limits(max_request_bytes=1 << 20, max_tokens=4096)
 

@@ -1,0 +1,94 @@
+"""Text -> tokens -> activations at a checkpoint's layer, via the trainer's model loader.
+
+Kept apart from the codec: in Ray Serve it runs in its own deployment (`LanguageModel`)
+so the LM and the SAE codec scale independently. Loaded LMs are cached per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ServiceError, Status, invalid
+from .registry import ModelCard
+
+
+@dataclass(frozen=True)
+class TextActivations:
+    """What the language model produced for one text."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    activations: np.ndarray
+    """[N, d_model] float32, one row per token (the start-of-context token excluded)."""
+    language_model: str
+    layer: int
+
+
+def _models():
+    try:
+        from progsae.lm import models
+    except ImportError as e:  # the trainer (and transformers) are optional for serving
+        raise ServiceError(Status.UNIMPLEMENTED, f"text encoding unavailable: {e}") from None
+    return models
+
+
+def available(card: ModelCard) -> bool:
+    """Whether EncodeText can run for this model (LM named, resolvable offline, layer known)."""
+    if not card.meta.model or card.meta.layer is None:
+        return False
+    try:
+        _models().resolve_model(card.meta.model)
+    except (ServiceError, ValueError, OSError):
+        return False
+    return True
+
+
+class TextBackend:
+    """Loads LMs on first use and runs texts up to a layer."""
+
+    def __init__(self, max_models: int = 1):
+        self._lock = threading.Lock()
+        self._loaded: dict[str, object] = {}
+        self._max = max_models
+
+    def lm(self, alias: str):
+        with self._lock:
+            if alias not in self._loaded:
+                try:
+                    loaded = _models().load_model(alias)
+                except ValueError as e:
+                    raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r}: {e}") from None
+                while len(self._loaded) >= self._max:
+                    self._loaded.pop(next(iter(self._loaded)))
+                self._loaded[alias] = loaded
+            return self._loaded[alias]
+
+    def run(self, alias: str | None, layer: int | None, text: str, max_tokens: int) -> TextActivations:
+        if not alias or layer is None:
+            raise ServiceError(Status.FAILED_PRECONDITION,
+                               "this checkpoint names no language model and layer; EncodeText needs both")
+        if not text.strip():
+            raise invalid("text is empty")
+        import torch
+
+        models = _models()
+        try:
+            models.resolve_model(alias)
+        except ValueError as e:
+            raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r} unavailable: {e}") from None
+        lm = self.lm(alias)
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: max(1, max_tokens)]
+        if not ids:
+            raise invalid("text has no tokens")
+        input_ids = torch.tensor([[lm.start_token_id, *ids]])
+        with self._lock, torch.inference_mode():
+            try:
+                hidden = models.hidden_at_layer(lm.model, input_ids, int(layer))
+            except ValueError as e:
+                raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r}: {e}") from None
+        acts = hidden[0, 1:].float().numpy()
+        tokens = [lm.tokenizer.decode([i]) for i in ids]
+        return TextActivations(list(map(int, ids)), tokens, acts, lm.alias, int(layer))

@@ -1,0 +1,174 @@
+"""Request validation: wire messages -> checked tensors, or a ServiceError with one line.
+
+Every check names the field and the expected value. Size limits answer RESOURCE_EXHAUSTED,
+everything else about the input INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from progsae.sae.codec import Codes
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
+
+from .errors import exhausted, invalid
+from .registry import ServedModel
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; a request beyond them gets RESOURCE_EXHAUSTED."""
+
+    max_tokens: int = 16384
+    """Most tokens (rows) in one request."""
+    max_request_bytes: int = 64 * 1024 * 1024
+    """Largest activations payload accepted, in bytes (the gRPC transport limit is set to match)."""
+    max_response_bytes: int = 256 * 1024 * 1024
+    """Largest tensor one response (or one stream message) may carry, in bytes; a request whose answer
+    would be larger gets RESOURCE_EXHAUSTED before any compute (the transport send limit is set to match)."""
+    max_rungs: int = 4096
+    """Most rungs one stream may climb."""
+    max_text_chars: int = 20000
+    """Longest EncodeText input, in characters."""
+    max_text_tokens: int = 512
+    """Most tokens EncodeText runs through the language model."""
+
+
+_OUT_DTYPES = (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT64)
+
+
+def activations(msg: pb.Tensor, model: ServedModel, limits: Limits, field: str = "activations") -> torch.Tensor:
+    """[N, d_in] float32 activations, finite, N in 1..max_tokens."""
+    if len(msg.data) > limits.max_request_bytes:
+        raise exhausted(f"{field}: {len(msg.data)} bytes exceed the limit of {limits.max_request_bytes}")
+    try:
+        a = convert.to_numpy(msg, field)
+    except convert.WireError as e:
+        raise invalid(str(e)) from None
+    if a.ndim != 2:
+        raise invalid(f"{field} must have shape [N, {model.d_in}], got {list(a.shape)}")
+    n, d = a.shape
+    if n == 0:
+        raise invalid(f"{field} is an empty batch (N = 0)")
+    if n > limits.max_tokens:
+        raise exhausted(f"{field}: {n} tokens exceed the limit of {limits.max_tokens}")
+    if d != model.d_in:
+        raise invalid(f"{field} width {d} does not match model {model.id} d_in={model.d_in}")
+    if not np.isfinite(a).all():
+        raise invalid(f"{field} contains NaN or Inf")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def codes(msg: pb.SparseCodes, model: ServedModel, limits: Limits, field: str = "codes") -> Codes:
+    """Sparse codes -> padded [N, kmax] Codes (padding: index 0, value 0)."""
+    if 12 * len(msg.indices) > limits.max_request_bytes:
+        raise exhausted(f"{field}: {len(msg.indices)} entries exceed the request size limit")
+    try:
+        s = convert.codes_to_arrays(msg, field)
+        if s.tokens == 0:
+            raise invalid(f"{field} is an empty batch (N = 0 tokens)")
+        if s.tokens > limits.max_tokens:
+            raise exhausted(f"{field}: {s.tokens} tokens exceed the limit of {limits.max_tokens}")
+        convert.check_codes(s, model.d_sae, field)
+    except convert.WireError as e:
+        raise invalid(str(e)) from None
+    idx, val = s.padded()
+    return Codes(torch.from_numpy(idx), torch.from_numpy(val))
+
+
+def granularity(g: int, model: ServedModel, field: str = "granularity") -> int:
+    if not 1 <= g <= model.d_sae:
+        raise invalid(f"{field} G={g} out of range 1..{model.d_sae} (M of model {model.id})")
+    return int(g)
+
+
+_ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT64: 8}
+
+
+def response_size(tokens: int, model: ServedModel, dtype: int, limits: Limits, what: str = "reconstruction") -> None:
+    """RESOURCE_EXHAUSTED when a [tokens, d_in] tensor of `dtype` would exceed max_response_bytes."""
+    size = tokens * model.d_in * _ITEMSIZE.get(dtype, 4)
+    if size > limits.max_response_bytes:
+        raise exhausted(f"{what} of {size} bytes would exceed the response limit of {limits.max_response_bytes}")
+
+
+def out_dtype(code: int, field: str = "output_dtype") -> int:
+    if code not in _OUT_DTYPES:
+        raise invalid(f"{field}: unknown dtype {code}")
+    return code or pb.DTYPE_FLOAT32
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """A validated StreamDecode request."""
+
+    x: torch.Tensor | None
+    """Input activations (None when codes were sent)."""
+    codes: Codes | None
+    """Input codes (None when activations were sent: the stream encodes them)."""
+    ladder: tuple[int, ...]
+    """Rungs to climb, already cut at max_granularity."""
+    cut: bool
+    """True when max_granularity shortened the ladder (end reason MAX_GRANULARITY)."""
+    deadline_s: float | None
+    """Server-side compute budget in seconds."""
+    target_fvu: float | None
+    """Stop once FVU <= this."""
+    payload: int
+    out_dtype: int
+    per_token_l0: bool
+
+
+def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits) -> StreamPlan:
+    which = req.WhichOneof("input")
+    if which is None:
+        raise invalid("StreamDecodeRequest needs an input: activations or codes")
+    x = activations(req.activations, model, limits) if which == "activations" else None
+    c = codes(req.codes, model, limits) if which == "codes" else None
+    if req.ladder:
+        ladder = tuple(int(g) for g in req.ladder)
+        if len(ladder) > limits.max_rungs:
+            raise exhausted(f"ladder: {len(ladder)} rungs exceed the limit of {limits.max_rungs}")
+        prev = 0
+        for g in ladder:
+            granularity(g, model, "ladder")
+            if g <= prev:
+                raise invalid(f"ladder must be strictly increasing, got {g} after {prev}")
+            prev = g
+    else:
+        ladder = model.ladder
+    b = req.budget
+    cut = False
+    if b.HasField("max_granularity"):
+        gmax = granularity(b.max_granularity, model, "budget.max_granularity")
+        if gmax < ladder[-1]:
+            ladder = tuple(g for g in ladder if g < gmax) + (gmax,)
+            cut = True
+    deadline = None
+    if b.HasField("deadline_ms"):
+        if b.deadline_ms <= 0:
+            raise invalid(f"budget.deadline_ms must be > 0, got {b.deadline_ms}")
+        deadline = b.deadline_ms / 1000.0
+    target = None
+    if b.HasField("target_fvu"):
+        t = b.target_fvu
+        if not (math.isfinite(t) and 0 < t <= 1):
+            raise invalid(f"budget.target_fvu must be in (0, 1], got {t}")
+        if x is None:
+            raise invalid("budget.target_fvu needs activations as the input (FVU is measured against them)")
+        if x.shape[0] < 2:
+            raise invalid("budget.target_fvu needs at least 2 tokens (FVU of one token is undefined)")
+        target = float(t)
+    if req.payload not in (pb.PAYLOAD_RECONSTRUCTION, pb.PAYLOAD_DELTA, pb.PAYLOAD_NONE):
+        raise invalid(f"payload: unknown kind {req.payload}")
+    dtype = out_dtype(req.output_dtype)
+    if req.payload != pb.PAYLOAD_NONE:
+        n = x.shape[0] if x is not None else c.indices.shape[0]
+        response_size(n, model, dtype, limits, "a rung's tensor")
+    return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0)

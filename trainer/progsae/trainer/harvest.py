@@ -1,0 +1,363 @@
+"""`progsae harvest`: real-LM residual activations -> sharded on-disk cache (trainer/activations.py).
+
+Contexts. Each corpus's documents (its split, in the seeded hash order of corpora.py) are
+tokenized without special tokens, joined with the model's separator token and cut into
+pieces of `context - 1` tokens; each piece gets the start token in front. Corpora are
+interleaved one context at a time (round robin; a corpus that runs out drops out). The
+start position is never stored, so every context yields `context - 1` rows, and a cache
+holds ceil(tokens / (context - 1)) whole contexts.
+
+Determinism and resume. Shard i holds contexts [i*S, (i+1)*S) with S = shard_tokens //
+(context - 1); its batches are formed from the shard's start, so a shard's bytes depend only
+on (model, layer, corpora, split, context, seed, batch, threads). A shard is registered in
+the manifest only once both its files are whole (CacheWriter), so after `kill -9` at any
+point, rerunning the same command regenerates the same stream, skips the registered
+contexts and writes the rest: the final shards are byte-identical to an uninterrupted run.
+The manifest's `extra["timing"]` (tokens/s, seconds) is the only part that differs.
+For the same reason a finished cache grows in place when rerun with a larger `--tokens`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from progsae.lm.models import LoadedModel
+    from progsae.trainer.activations import Manifest
+
+DISK_MARGIN = 64 << 20  # bytes kept free beyond the cache's own size
+
+
+@dataclass
+class HarvestConfig:
+    """Everything that determines a harvest (all of it but `out`/`metrics_port` is recorded)."""
+
+    out: str
+    """Cache directory (created; an existing one is resumed if it matches)."""
+    model: str = "smollm2-135m"
+    """Model alias, HF name or local folder."""
+    layer: int = 15
+    """hidden_states index to read (0 = embeddings)."""
+    corpus: str = "wikipedia,chitchat"
+    """Comma-separated corpora, interleaved in this order."""
+    split: str = "train"
+    """'train' or 'heldout' (by document, fixed by a hash of the document id)."""
+    tokens: int = 2_000_000
+    """Rows wanted; rounded up to whole contexts. Raising it on an existing cache grows that cache."""
+    context: int = 128
+    """Tokens per context including the start token (whose position is not stored)."""
+    batch: int = 8
+    """Contexts per forward pass."""
+    shard_tokens: int = 65_536
+    """Rows per shard (rounded down to whole contexts); also the resume granularity."""
+    seed: int = 0
+    """Document order within each corpus (the split does not depend on it)."""
+    start_token: str | None = None
+    """Override the model's default start-of-context token."""
+    device: str = "cpu"
+    """torch device for the forward pass (shards from different devices are not byte-identical)."""
+    threads: int | None = None
+    """torch threads; default: the value recorded in an existing cache, else min(cores, 8)."""
+    metrics_port: int | None = None
+    """If set, serve Prometheus metrics (tokens, tokens/s) on this port."""
+    progress: bool = True
+    """Show a tqdm progress bar (stderr)."""
+
+
+def _tokens_of(lm: LoadedModel, texts: list[str]) -> list[list[int]]:
+    return lm.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def corpus_contexts(lm: LoadedModel, docs: list[tuple[str, str]], context: int,
+                    chunk_docs: int = 32) -> Iterator[list[int]]:
+    """One corpus's documents packed into [start] + (context - 1) tokens, separator between docs."""
+    n = context - 1
+    buf: list[int] = []
+    for i in range(0, len(docs), chunk_docs):
+        for ids in _tokens_of(lm, [t for _, t in docs[i:i + chunk_docs]]):
+            buf.extend(ids)
+            buf.append(lm.sep_token_id)
+        pos = 0
+        while len(buf) - pos >= n:
+            yield [lm.start_token_id, *buf[pos:pos + n]]
+            pos += n
+        del buf[:pos]
+
+
+def interleave(streams: list[Iterator[list[int]]]) -> Iterator[list[int]]:
+    """Round robin over the streams; exhausted ones drop out."""
+    live = list(streams)
+    while live:
+        for s in list(live):
+            try:
+                yield next(s)
+            except StopIteration:
+                live.remove(s)
+
+
+def _existing_manifest(out: Path) -> Manifest | None:
+    from progsae.trainer.activations import MANIFEST, Manifest
+
+    return Manifest.load(out) if (out / MANIFEST).is_file() else None
+
+
+def _check_existing(old: Manifest, cfg: HarvestConfig, alias: str, corpora: list[str]) -> None:
+    from progsae.trainer.activations import CacheError
+
+    want = {"model": alias, "layer": cfg.layer, "corpus": corpora, "split": cfg.split, "context": cfg.context}
+    for key, value in want.items():
+        if getattr(old, key) != value:
+            raise CacheError(f"{cfg.out}: existing cache has {key}={getattr(old, key)!r}, asked for "
+                             f"{value!r}; use another --out or delete it")
+    if cfg.tokens < old.target_tokens:
+        raise CacheError(f"{cfg.out}: existing cache was harvested for {old.target_tokens:,} tokens, asked for "
+                         f"{cfg.tokens:,}; a cache only grows: use another --out or delete it")
+    if cfg.tokens > old.target_tokens and old.extra.get("exhausted"):
+        raise CacheError(f"{cfg.out}: its corpus ran out at {old.n_tokens:,} tokens, so it cannot grow to "
+                         f"{cfg.tokens:,}; add a corpus (with another --out)")
+    for key in ("seed", "batch", "shard_tokens", "device"):
+        if key in old.extra and old.extra[key] != getattr(cfg, key):
+            raise CacheError(f"{cfg.out}: existing cache was harvested with {key}={old.extra[key]!r}, "
+                             f"asked for {getattr(cfg, key)!r}; use another --out or delete it")
+
+
+def _check_disk(out: Path, rows: int, d_model: int, n_contexts: int, context: int) -> None:
+    need = rows * d_model * 4 + n_contexts * context * 4 + DISK_MARGIN
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ValueError(f"not enough disk for {out}: needs {need / 1e9:.2f} GB more, {free / 1e9:.2f} GB free")
+
+
+def validate(cfg: HarvestConfig) -> tuple[Any, list[str], dict[str, list[tuple[str, str]]]]:
+    """Every cheap check, before the model loads: -> (model spec, corpora, documents)."""
+    from progsae.lm.models import check_layer, resolve_model
+    from progsae.trainer import corpora as C
+
+    if cfg.split not in C.SPLITS:
+        raise ValueError(f"unknown split {cfg.split!r}; choose from {', '.join(C.SPLITS)}")
+    for name, lo in (("tokens", 1), ("context", 2), ("batch", 1), ("shard_tokens", 1)):
+        if getattr(cfg, name) < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {lo}")
+    names = C.parse_corpora(cfg.corpus)
+    spec = resolve_model(cfg.model)
+    check_layer(spec, cfg.layer)
+    out = Path(cfg.out)
+    old = _existing_manifest(out)
+    if old is not None:
+        _check_existing(old, cfg, spec.alias, names)
+    docs = {n: C.load_documents(n, cfg.split, cfg.seed) for n in names}
+    return spec, names, docs
+
+
+def plan(cfg: HarvestConfig) -> tuple[int, int]:
+    """-> (contexts in the finished cache, contexts per shard)."""
+    per = cfg.context - 1
+    return math.ceil(cfg.tokens / per), max(1, cfg.shard_tokens // per)
+
+
+class _Metrics:
+    """Optional Prometheus endpoint: harvested tokens and tokens/s."""
+
+    def __init__(self, port: int | None, target: int):
+        self.enabled = port is not None
+        if not self.enabled:
+            return
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        reg = CollectorRegistry()
+        self.tokens = Gauge("progsae_harvest_tokens", "Activation rows in the cache", registry=reg)
+        self.rate = Gauge("progsae_harvest_tokens_per_second", "Harvest throughput", registry=reg)
+        Gauge("progsae_harvest_target_tokens", "Rows wanted", registry=reg).set(target)
+        start_http_server(port, registry=reg)
+
+    def update(self, tokens: int, rate: float) -> None:
+        if self.enabled:
+            self.tokens.set(tokens)
+            self.rate.set(rate)
+
+
+def _activations(lm: LoadedModel, ctx: np.ndarray, layer: int, batch: int) -> Iterator[np.ndarray]:
+    """Per batch, float32 [rows, d] for int32 contexts [n, context], start position dropped."""
+    import numpy as np
+    import torch
+
+    from progsae.lm.models import hidden_at_layer
+
+    for i in range(0, len(ctx), batch):
+        ids = torch.from_numpy(ctx[i:i + batch].astype(np.int64)).to(lm.model.device)
+        h = hidden_at_layer(lm.model, ids, layer)[:, 1:, :]
+        yield h.reshape(-1, h.shape[-1]).float().cpu().numpy()
+
+
+def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, log: Any = None) -> Manifest:
+    """Run (or resume, or confirm finished) a harvest; returns the final manifest."""
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from progsae.lm.models import load_model
+    from progsae.trainer.activations import CacheWriter, Manifest
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    spec, names, docs = validate(cfg)
+    out = Path(cfg.out)
+    old = _existing_manifest(out)
+    if old is not None and cfg.tokens > old.target_tokens:
+        _grow(out, old, cfg, log)
+    if old is not None and old.complete:
+        log(f"{out}: already complete ({old.n_tokens:,} tokens); nothing to do")
+        return old
+    total, per_shard = plan(cfg)
+    rows_per = cfg.context - 1
+    done = 0 if old is None else old.n_tokens // rows_per
+    _check_disk(out, (total - done) * rows_per, spec.d_model, total - done, cfg.context)
+    threads = cfg.threads or (old.extra.get("threads") if old else None) or min(os.cpu_count() or 1, 8)
+    torch.set_num_threads(int(threads))
+    if lm is None:
+        log(f"loading {spec.alias} ...")
+        lm = load_model(cfg.model, device=cfg.device, start_token=cfg.start_token)
+    elif cfg.start_token and cfg.start_token != lm.start_token:
+        raise ValueError(f"model was loaded with start token {lm.start_token!r}, asked for {cfg.start_token!r}")
+    manifest = Manifest(
+        model=lm.alias, layer=cfg.layer, d_model=lm.d_model, corpus=names, split=cfg.split,
+        context=cfg.context, target_tokens=cfg.tokens, bos=lm.start_token,
+        extra={
+            "seed": cfg.seed, "batch": cfg.batch, "shard_tokens": cfg.shard_tokens, "device": cfg.device,
+            "threads": int(threads),
+            "bos_id": lm.start_token_id, "separator": lm.sep_token, "separator_id": lm.sep_token_id,
+            "model_source": lm.source, "documents": {n: len(d) for n, d in docs.items()},
+            "tokens_rounding": "whole contexts: ceil(tokens / (context - 1)) * (context - 1) rows",
+        },
+    )
+    _clean_temp(out)
+    writer = CacheWriter(out, manifest)
+    done = writer.n_tokens // rows_per
+    if done:
+        log(f"{out}: resuming after {writer.n_tokens:,} tokens in {writer.n_shards} shards")
+    stream = interleave([corpus_contexts(lm, docs[n], cfg.context) for n in names])
+    stream = itertools.islice(stream, done, total)
+    metrics = _Metrics(cfg.metrics_port, total * rows_per)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total * rows_per, initial=writer.n_tokens, unit="tok", unit_scale=True,
+               disable=not cfg.progress, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+               desc=f"harvest {lm.alias} L{cfg.layer} {cfg.split}")
+    t0, new_rows, exhausted = time.perf_counter(), 0, False
+    with bar:
+        while writer.n_tokens < total * rows_per:
+            want = min(per_shard, total - writer.n_tokens // rows_per)
+            ctx = np.asarray(list(itertools.islice(stream, want)), dtype=np.int32).reshape(-1, cfg.context)
+            if len(ctx):
+                parts = []
+                for acts in _activations(lm, ctx, cfg.layer, cfg.batch):
+                    parts.append(acts)
+                    new_rows += len(acts)
+                    bar.update(len(acts))
+                    metrics.update(writer.n_tokens + sum(map(len, parts)),
+                                   new_rows / max(time.perf_counter() - t0, 1e-9))
+                try:
+                    writer.add_shard(np.concatenate(parts), ctx)
+                except OSError as e:  # e.g. the disk filled up after the up-front check
+                    raise ValueError(
+                        f"writing {out} failed ({e.strerror or e}); its {writer.n_tokens:,} tokens in whole shards "
+                        "are kept: free space and rerun the same command to resume") from None
+            if len(ctx) < want:
+                exhausted = True
+                break
+    seconds = time.perf_counter() - t0
+    if writer.n_tokens == 0:
+        _remove_empty(out)
+        raise ValueError(f"corpus {','.join(names)} ({cfg.split}) yields no whole {cfg.context}-token context")
+    if exhausted:
+        log(f"warning: corpus ran out at {writer.n_tokens:,} of {total * rows_per:,} tokens")
+    rate = new_rows / seconds if seconds > 0 and new_rows else 0.0
+    final = writer.finish(exhausted=exhausted, timing={"tokens_per_second": round(rate, 1),
+                                                       "seconds": round(seconds, 1), "rows_this_run": new_rows})
+    log(f"{out}: {final.n_tokens:,} tokens in {len(final.shards)} shards; {rate:,.0f} tokens/s this run")
+    return final
+
+
+def _grow(out: Path, old: Manifest, cfg: HarvestConfig, log: Any) -> None:
+    """Raise a cache's target in place. The context stream does not depend on `--tokens`, so the
+    whole shards already written are exactly those of a run asked for more; a trailing partial
+    shard is dropped and regenerated whole. The result is byte-identical to a fresh run."""
+    per_shard = plan(cfg)[1]
+    keep = len(old.shards)
+    while keep and old.shards[keep - 1].n_contexts != per_shard:
+        keep -= 1
+    dropped = old.shards[keep:]
+    log(f"{out}: growing from {old.target_tokens:,} to {cfg.tokens:,} tokens; keeping {keep} whole shards"
+        + (f", regenerating {sum(s.n_tokens for s in dropped):,} tokens of a partial shard" if dropped else ""))
+    grown_from = old.extra.get("grown_from", []) + [old.target_tokens]
+    old.shards, old.target_tokens, old.complete = old.shards[:keep], cfg.tokens, False
+    for key in ("exhausted", "timing"):
+        old.extra.pop(key, None)
+    old.extra["grown_from"] = grown_from
+    old.save(out)  # registered first, so a kill from here on resumes the grown cache
+    for s in dropped:
+        for name in (s.acts, s.tokens):
+            if name:
+                (out / name).unlink(missing_ok=True)
+
+
+def _remove_empty(out: Path) -> None:
+    """Undo an empty cache: its manifest, and the folder if nothing else is in it."""
+    from progsae.trainer.activations import MANIFEST
+
+    (out / MANIFEST).unlink(missing_ok=True)
+    _clean_temp(out)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _clean_temp(out: Path) -> None:
+    """Drop temp files an interrupted run left (registered shards are never temp files)."""
+    if out.is_dir():
+        for f in out.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("harvest", help="cache a real LM's residual activations at a layer on disk")
+    d = HarvestConfig(out="")
+    p.add_argument("--model", default=d.model, help="alias (smollm2-135m, gemma3-270m), HF name or folder")
+    p.add_argument("--layer", type=int, default=d.layer, help="hidden_states index (0 = embeddings)")
+    p.add_argument("--corpus", default=d.corpus, help="comma-separated: wikipedia,chitchat,sotu,mobydick")
+    p.add_argument("--split", default=d.split, help="train or heldout (by document)")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="rows wanted (rounded up to whole contexts)")
+    p.add_argument("--out", required=True, help="cache dir (resumed, or grown to a larger --tokens, if it exists)")
+    p.add_argument("--context", type=int, default=d.context, help="tokens per context incl. the start token")
+    p.add_argument("--batch", type=int, default=d.batch, help="contexts per forward pass")
+    p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="rows per shard")
+    p.add_argument("--seed", type=int, default=d.seed, help="document order (not the split)")
+    p.add_argument("--start-token", default=None, help="override the start-of-context token")
+    p.add_argument("--device", default=d.device, help="torch device for the forward pass")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: recorded, else cores)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = set(HarvestConfig.__dataclass_fields__)
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    cfg = HarvestConfig(**kw, progress=not args.no_progress)
+    m = harvest(cfg)
+    print(f"{cfg.out}  {m.n_tokens} tokens  model={m.model} layer={m.layer} d_model={m.d_model} bos={m.bos!r}")
+    return 0
+
