@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
-
-from progsae.sae import checkpoint  # noqa: E402
-from progsae.server import launch, testing  # noqa: E402
-from progsae.server.config import AppConfig  # noqa: E402
+from progsae.sae import checkpoint
+from progsae.server import launch, testing
+from progsae.server.config import AppConfig
 from progsae.server.testing import free_port
-from progsae.server.validate import Limits  # noqa: E402
-from progsae.trainer import features  # noqa: E402
-from tests.dashboard_fixtures import LADDER  # noqa: E402
-from tests.dashboard_fixtures import build as build_fixtures  # noqa: E402
+from progsae.server.validate import Limits
+from progsae.trainer import features
+from tests.dashboard_fixtures import LADDER
+from tests.dashboard_fixtures import build as build_fixtures
 
 CHROMIUM = os.environ.get("PROGSAE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -167,7 +165,7 @@ def test_browser_end_to_end(page, app, tmp_path):
     panel = page.locator(".stream").first
     assert panel.get_attribute("data-state") == "done"
     assert int(panel.get_attribute("data-rungs")) == len(LADDER) == int(panel.get_attribute("data-ladder-size"))
-    assert panel.get_attribute("data-stop") == "LADDER_DONE"
+    assert panel.get_attribute("data-stop") == "ladder_done"
     assert page.locator(".stream .tok").count() >= 8 and page.locator(".stream .feat").count() > 8
     assert page.locator(".ladder .rung.reached").count() == len(LADDER)
     assert page.inner_text(".stream .rungcount") == f"{len(LADDER)} / {len(LADDER)}"
@@ -175,7 +173,7 @@ def test_browser_end_to_end(page, app, tmp_path):
     page.screenshot(path=str(shots / "full-ladder.png"), full_page=True)
     # a tight budget (max G = the second rung): the stream stops below the top
     encode(page, "The cat sat on the mat because it was warm.", max_g_index=2)
-    assert int(panel.get_attribute("data-rungs")) == 2 and panel.get_attribute("data-stop") == "MAX_GRANULARITY"
+    assert int(panel.get_attribute("data-rungs")) == 2 and panel.get_attribute("data-stop") == "max_granularity"
     assert page.inner_text(".stream .rungcount") == f"2 / {len(LADDER)}"
     assert page.locator(".ladder .rung.reached").count() == 2
     assert "max G" in page.inner_text(".stream .stop")
@@ -199,7 +197,7 @@ def test_browser_side_by_side(page, app, tmp_path):
     panels = page.locator(".stream")
     assert panels.count() == 2
     for i in range(2):
-        assert panels.nth(i).get_attribute("data-stop") == "LADDER_DONE"
+        assert panels.nth(i).get_attribute("data-stop") == "ladder_done"
     fvus = [float(panels.nth(i).locator(".fvu").inner_text()) for i in range(2)]
     assert all(0 <= f < 1 for f in fvus)
     page.locator(".stream").nth(0).locator(".feat").first.click()

@@ -13,7 +13,7 @@ import pytest
 
 from progsae.clients import Client, ProgsaeError
 from progsae.server import testing
-from progsae.server.grpc_server import GrpcServerConfig, PlainServer
+from progsae.server.grpc_server import PlainServer
 from progsae.server.registry import RegistryConfig
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
@@ -25,7 +25,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("faultckpt")
     testing.make_checkpoint(root / "big", d=16, m=2048, k=8, ladder=(64, 2048), orderings=False, seed=3,
                             model=None)
-    with PlainServer(RegistryConfig(root=str(root)), config=GrpcServerConfig(workers=16)) as s:
+    with PlainServer(RegistryConfig(root=str(root))) as s:
         yield s
 
 

@@ -13,6 +13,11 @@ import numpy as np
 
 from . import progsae_pb2 as pb
 
+STOP_REASONS: dict[int, str] = {v.number: v.name.removeprefix("STOP_REASON_").lower()
+                                for v in pb.StopReason.DESCRIPTOR.values if v.number}
+"""The one spelling of a stream's stop reason (gRPC client, SSE stream, HTTP, metrics): ladder_done,
+max_granularity, deadline, target_fvu."""
+
 
 class WireError(ValueError):
     """A message does not describe a valid tensor or code set."""

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from typing import Any
 
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -26,11 +24,13 @@ from progsae.v1 import progsae_pb2 as pb
 from . import auth, http_api
 from . import text as textmod
 from .config import AppConfig
-from .errors import ServiceError, Status, invalid
-from .grpc_server import SERVICE_NAME
+from .errors import ServiceError, Status
+from .grpc_server import GrpcServerConfig, start_aio_server
 from .registry import Registry, RegistryConfig, ServedModel
 from .service import CodecService, ServiceConfig
+from .servicer import SERVICE_NAME, ProgsaeServicer, fail
 from .stats import Stats
+from .text import TextActivations
 
 GRPC_SERVICER_FUNCTIONS = [
     "progsae.v1.progsae_pb2_grpc.add_ProgsaeServicer_to_server",
@@ -39,34 +39,6 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 MODELS_PER_REPLICA = int(os.environ.get("PROGSAE_MODELS_PER_REPLICA", "4"))
 """LRU size of serve.multiplexed (fixed when the class is defined: set the env var in runtime_env)."""
-
-
-def _fail(grpc_context, e: ServiceError) -> None:
-    if grpc_context is not None:
-        grpc_context.set_code(e.status.grpc())
-        grpc_context.set_details(e.message)
-
-
-TIMEOUT_METADATA = "progsae-timeout-ms"
-
-
-def _expired(grpc_context, t0: float):
-    """A check for the call's own deadline, sent by clients as metadata (Ray does not forward it)."""
-    ms = None
-    for key, value in grpc_context.invocation_metadata() if grpc_context is not None else ():
-        if key == TIMEOUT_METADATA:
-            try:
-                ms = float(value)
-            except ValueError:
-                pass
-    if ms is None or ms <= 0:
-        return None
-    end = t0 + ms / 1e3
-    return lambda: time.perf_counter() > end
-
-
-class StreamRejected(Exception):
-    """Raised (after the status is set on the gRPC context) when a stream fails before its first message."""
 
 
 @serve.deployment(name="LanguageModel", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4)
@@ -88,198 +60,119 @@ class LanguageModel:
 @serve.deployment(name="Codec")
 @serve.ingress(http_api.api)
 class Codec:
-    """gRPC + HTTP ingress over the transport-free CodecService."""
+    """Hosts the one servicer: gRPC through Serve's proxy (methods below), optionally the same servicer
+    on this replica's own grpc.aio port (`direct_grpc_port`), and the HTTP API."""
 
-    def __init__(self, config: dict[str, Any], lm: DeploymentHandle | None = None) -> None:
+    async def __init__(self, config: dict[str, Any], lm: DeploymentHandle | None = None) -> None:
         from .ray_metrics import RayServeSink
 
         self.config = AppConfig.from_dict(config)
         c = self.config
         self.registry = Registry(RegistryConfig(root=c.checkpoint_root, models=tuple(c.models),
                                                 default_model=c.default_model, device=c.device))
-        self.service = CodecService(ServiceConfig(limits=c.limits, torch_threads=c.torch_threads),
-                                    Stats(RayServeSink()), text_available=self._text_available)
+        self.service = CodecService(
+            ServiceConfig(limits=c.limits, torch_threads=c.torch_threads, compute_threads=c.compute_threads),
+            Stats(RayServeSink()), text_available=self._text_available)
         self.lm = lm if c.text else None
         self._token = auth.resolve_token(c.auth_token, c.auth_token_env)
+        self.servicer = ProgsaeServicer(self.registry, self.service, token=self._token,
+                                        load=lambda spec: self._load(spec.id), encode=self._encode,
+                                        text=self._run_text, text_enabled=self.lm is not None, loaded=self.loaded)
         self._encode_batch.set_max_batch_size(c.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
-        self._reflection = reflection.ReflectionServicer(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME))
+        self._direct = None
+        if c.direct_grpc_port:
+            self._direct = await start_aio_server(
+                self.servicer, GrpcServerConfig(address=f"{c.direct_grpc_host}:{c.direct_grpc_port}",
+                                                reuse_port=True), c.limits)
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica stops: the direct port drains its calls like Serve does."""
+        direct, self._direct = getattr(self, "_direct", None), None
+        if direct is not None:
+            server, health, _ = direct
+            await health.enter_graceful_shutdown()
+            await server.stop(self.config.graceful_shutdown_timeout_s)
 
     def _text_available(self, card) -> bool:
         return self.lm is not None and textmod.available(card)
 
-    # --- models ---------------------------------------------------------------------------
-
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def _load(self, model_id: str) -> ServedModel:
-        return self.registry.load(self.registry.resolve(model_id))
-
-    async def model(self, field: str) -> ServedModel:
-        """Resolve the request's model (field and/or multiplexed_model_id metadata) and load it."""
-        meta = serve.get_multiplexed_model_id()
-        spec = self.registry.resolve(field or meta)
-        if field and meta and self.registry.resolve(meta).id != spec.id:
-            raise invalid(f"model_id {field!r} disagrees with metadata multiplexed_model_id={meta!r}")
-        return await self._load(spec.id)
+        """Load off the event loop (reading and hashing a large checkpoint takes seconds)."""
+        return await asyncio.to_thread(self.registry.load, self.registry.resolve(model_id))
 
     def loaded(self) -> list[str]:
         wrapper = getattr(self, "__serve_multiplex_wrapper", None)
         return list(wrapper.models) if wrapper is not None else []
 
-    async def _unary(self, method: str, field: str, grpc_context, fn, empty):
-        try:
-            with self.service.observe(method, field):
-                auth.check(grpc_context, self._token)
-                model = await self.model(field)
-                out = fn(model)
-                if asyncio.iscoroutine(out):
-                    out = await out
-            self.service.stats.bytes_out(method, out.ByteSize())
-            return out
-        except ServiceError as e:
-            _fail(grpc_context, e)
-            return empty
-
-    # --- gRPC: progsae.v1.Progsae ----------------------------------------------------------
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
     async def _encode_batch(self, items: list[tuple[ServedModel, pb.EncodeRequest]]) -> list:
-        return self.service.encode_batch(items)
+        return await self.servicer.compute(self.service.encode_batch, items)
 
-    async def encode(self, model: ServedModel, request: pb.EncodeRequest) -> pb.EncodeResponse:
+    async def _encode(self, model: ServedModel, request: pb.EncodeRequest) -> pb.EncodeResponse:
         out = await self._encode_batch((model, request))
         if isinstance(out, ServiceError):
             raise out
         return out
 
-    async def Encode(self, request: pb.EncodeRequest, grpc_context=None) -> pb.EncodeResponse:
-        return await self._unary("Encode", request.model_id, grpc_context,
-                                 lambda m: self.encode(m, request), pb.EncodeResponse())
-
-    async def DecodeAtGranularity(self, request: pb.DecodeRequest, grpc_context=None) -> pb.DecodeResponse:
-        return await self._unary("DecodeAtGranularity", request.model_id, grpc_context,
-                                 lambda m: self.service.decode_at(m, request), pb.DecodeResponse())
-
-    async def StreamDecode(self, request: pb.StreamDecodeRequest, grpc_context=None):
-        t0 = time.perf_counter()
-        done = {"recorded": False}
-
-        def record(status: str) -> None:
-            if not done["recorded"]:
-                done["recorded"] = True
-                self.service.stats.request("StreamDecode", status, request.model_id, time.perf_counter() - t0)
-
-        try:
-            auth.check(grpc_context, self._token)
-            model = await self.model(request.model_id)
-            gen = self.service.stream(model, request, cancelled=_expired(grpc_context, t0), t0=t0)
-        except ServiceError as e:
-            record(e.status.value)
-            _fail(grpc_context, e)
-            raise StreamRejected(e.message) from None
-        # When Ray cancels the request (client gone, deadline passed) while this generator is
-        # parked at `yield`, it is never resumed: close the computation from the task's end.
-        task = asyncio.current_task()
-
-        def on_task_done(_t) -> None:
-            gen.close()
-            record(Status.CANCELLED.value)
-
-        if task is not None:
-            task.add_done_callback(on_task_done)
-        ended = False
-        try:
-            for msg in gen:
-                self.service.stats.bytes_out("StreamDecode", msg.ByteSize())
-                ended = msg.HasField("end")
-                yield msg
-                await asyncio.sleep(0)  # a cancellation point between rungs
-        finally:
-            if task is not None:
-                task.remove_done_callback(on_task_done)
-            gen.close()
-            record("OK" if ended else Status.CANCELLED.value)
-
-    async def encode_text(self, model: ServedModel, text: str, max_tokens: int) -> pb.EncodeTextResponse:
-        limits = self.service.limits
-        if not text.strip():
-            raise invalid("text is empty")
-        if len(text) > limits.max_text_chars:
-            raise ServiceError(Status.RESOURCE_EXHAUSTED,
-                               f"text of {len(text)} characters exceeds {limits.max_text_chars}")
-        if self.lm is None:
-            raise ServiceError(Status.UNIMPLEMENTED, "this server runs no language model (text: false)")
-        if not model.meta.model or model.meta.layer is None:
-            raise ServiceError(Status.FAILED_PRECONDITION,
-                               f"model {model.id} names no language model and layer; EncodeText needs both")
-        n = min(max_tokens or limits.max_text_tokens, limits.max_text_tokens)
-        r = await self.lm.run.remote(model.meta.model, model.meta.layer, text, n)
+    async def _run_text(self, alias: str, layer: int, text: str, n: int) -> TextActivations:
+        assert self.lm is not None
+        r = await self.lm.run.remote(alias, layer, text, n)
         if r[0] == "error":
             raise ServiceError(Status(r[1]), r[2])
-        ta = r[1]
-        return self.service.encode_text_response(model, ta.token_ids, ta.tokens, ta.activations,
-                                                 ta.language_model, ta.layer)
+        return r[1]
+
+    # --- gRPC through Serve's proxy: the servicer's methods -----------------------------------
+
+    async def Encode(self, request: pb.EncodeRequest, grpc_context=None) -> pb.EncodeResponse:
+        return await self.servicer.Encode(request, grpc_context)
+
+    async def DecodeAtGranularity(self, request: pb.DecodeRequest, grpc_context=None) -> pb.DecodeResponse:
+        return await self.servicer.DecodeAtGranularity(request, grpc_context)
+
+    async def StreamDecode(self, request: pb.StreamDecodeRequest, grpc_context=None):
+        stream = self.servicer.StreamDecode(request, grpc_context)
+        # When Ray cancels the request (client gone, deadline passed) while the stream is parked at
+        # `yield`, it is never resumed: close it from the task's end so it counts and computes no more.
+        task = asyncio.current_task()
+        close = (lambda _t: asyncio.get_running_loop().create_task(stream.aclose())) if task else None
+        if task is not None:
+            task.add_done_callback(close)
+        try:
+            async for msg in stream:
+                yield msg
+        finally:
+            if task is not None:
+                task.remove_done_callback(close)
+            await stream.aclose()
 
     async def EncodeText(self, request: pb.EncodeTextRequest, grpc_context=None) -> pb.EncodeTextResponse:
-        return await self._unary("EncodeText", request.model_id, grpc_context,
-                                 lambda m: self.encode_text(m, request.text, request.max_tokens),
-                                 pb.EncodeTextResponse())
-
-    def list_models(self) -> pb.ListModelsResponse:
-        infos = [self.service.model_info(self.registry.card(s)) for s in self.registry.variants()]
-        return pb.ListModelsResponse(models=infos, default_model_id=self.registry.default_id)
-
-    def get_model(self, model_id: str) -> pb.ModelInfo:
-        return self.service.model_info(self.registry.card(self.registry.resolve(model_id)))
+        return await self.servicer.EncodeText(request, grpc_context)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
-        try:
-            with self.service.observe("ListModels"):
-                auth.check(grpc_context, self._token)
-                return self.list_models()
-        except ServiceError as e:
-            _fail(grpc_context, e)
-            return pb.ListModelsResponse()
+        return await self.servicer.ListModels(request, grpc_context)
 
     async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.ModelInfo:
-        try:
-            with self.service.observe("GetModel", request.model_id):
-                auth.check(grpc_context, self._token)
-                return self.get_model(request.model_id or serve.get_multiplexed_model_id())
-        except ServiceError as e:
-            _fail(grpc_context, e)
-            return pb.ModelInfo()
+        return await self.servicer.GetModel(request, grpc_context)
 
     async def GetServerStats(self, request: pb.ServerStatsRequest, grpc_context=None) -> pb.ServerStats:
-        try:
-            auth.check(grpc_context, self._token)
-        except ServiceError as e:
-            _fail(grpc_context, e)
-            return pb.ServerStats()
-        return self.service.server_stats(self.loaded())
+        return await self.servicer.GetServerStats(request, grpc_context)
 
-    # --- gRPC: grpc.health.v1.Health and reflection -----------------------------------------
+    async def ServerReflectionInfo(self, requests, grpc_context=None):
+        async for resp in self.servicer.ServerReflectionInfo(requests, grpc_context):
+            yield resp
+
+    # --- gRPC: grpc.health.v1.Health ---------------------------------------------------------
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        known = ("", SERVICE_NAME)
-        if request.service not in known:
-            _fail(grpc_context, ServiceError(Status.NOT_FOUND, f"unknown service {request.service!r}"))
+        if request.service not in ("", SERVICE_NAME):
+            await fail(grpc_context, ServiceError(Status.NOT_FOUND, f"unknown service {request.service!r}"))
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
         yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    async def ServerReflectionInfo(self, requests, grpc_context=None):
-        try:
-            auth.check(grpc_context, self._token)
-        except ServiceError as e:
-            _fail(grpc_context, e)
-            return
-        async for req in requests:
-            for resp in self._reflection.ServerReflectionInfo(iter([req]), None):
-                yield resp
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

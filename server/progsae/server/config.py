@@ -49,6 +49,14 @@ class AppConfig:
     """GPUs reserved per codec replica (e.g. 0.25 to pack four replicas on a GPU)."""
     torch_threads: int = 1
     """torch threads per codec replica (Ray sets 1 by default for 0-CPU actors)."""
+    compute_threads: int = 2
+    """Threads per codec replica that run torch work off its event loop (see ServiceConfig)."""
+    direct_grpc_port: int = 0
+    """If set, every codec replica also serves progsae.v1 (plus health and reflection) on its own grpc.aio
+    server at this port, bound with SO_REUSEPORT so that the replicas of a node share it and the kernel
+    spreads connections over them: the fast path, with no proxy hop (BENCHMARKS.md). 0 = off."""
+    direct_grpc_host: str = "127.0.0.1"
+    """Address the direct gRPC port binds (0.0.0.0 on a cluster node)."""
     auth_token: str = ""
     """Bearer token every gRPC call (but health) and every /api HTTP route must carry; empty = auth off.
     Prefer `auth_token_env` on clusters: a literal token is visible in the Serve config."""

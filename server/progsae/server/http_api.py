@@ -15,9 +15,7 @@ Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching H
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from typing import Any
 
 import numpy as np
@@ -104,7 +102,7 @@ async def _require_token(request: Request, call_next):
 @api.get("/api/models")
 async def models() -> Any:
     try:
-        resp = _codec().list_models()
+        resp = _codec().servicer.list_models()
         return {"default_model_id": resp.default_model_id, "models": [_info(m) for m in resp.models]}
     except Exception as e:  # noqa: BLE001
         return _error(e)
@@ -113,7 +111,8 @@ async def models() -> Any:
 @api.get("/api/models/{model_id:path}")
 async def model(model_id: str) -> Any:
     try:
-        return _info(_codec().get_model(model_id))
+        sv = _codec().servicer
+        return _info(sv.get_model(sv.registry.resolve(model_id)))
     except Exception as e:  # noqa: BLE001
         return _error(e)
 
@@ -138,8 +137,9 @@ async def encode(request: Request) -> Any:
                                activations=_tensor(body.get("activations"), "activations"))
         if body.get("prefix_granularity"):
             req.mode, req.granularity = pb.ENCODE_MODE_PREFIX, int(body["prefix_granularity"])
+        sv = c.servicer
         with c.service.observe("http:encode", req.model_id):
-            resp = await c.encode(await c.model(req.model_id), req)
+            resp = await c._encode(await sv.model(req.model_id, None), req)
         return {"model_id": resp.model_id, "granularity": resp.granularity,
                 "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
     except Exception as e:  # noqa: BLE001
@@ -153,8 +153,9 @@ async def decode(request: Request) -> Any:
         body = await _body(request)
         req = pb.DecodeRequest(model_id=str(body.get("model_id", "")), codes=_codes_msg(body.get("codes")),
                                granularity=int(body.get("granularity", 0)))
+        sv = c.servicer
         with c.service.observe("http:decode", req.model_id):
-            resp = c.service.decode_at(await c.model(req.model_id), req)
+            resp = await sv.compute(c.service.decode_at, await sv.model(req.model_id, None), req)
         return {"model_id": resp.model_id, "granularity": resp.granularity, "l0": list(resp.l0),
                 "reconstruction": convert.to_numpy(resp.reconstruction).tolist()}
     except Exception as e:  # noqa: BLE001
@@ -168,7 +169,9 @@ async def encode_text(request: Request) -> Any:
         body = await _body(request)
         mid = str(body.get("model_id", ""))
         with c.service.observe("http:encode_text", mid):
-            resp = await c.encode_text(await c.model(mid), str(body.get("text", "")), int(body.get("max_tokens", 0)))
+            resp = await c.servicer.EncodeText(
+                pb.EncodeTextRequest(model_id=mid, text=str(body.get("text", "")),
+                                     max_tokens=int(body.get("max_tokens", 0))))
         out = {"model_id": resp.model_id, "language_model": resp.language_model, "layer": resp.layer,
                "token_ids": list(resp.token_ids), "tokens": list(resp.tokens),
                "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
@@ -185,15 +188,15 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 async def _stream_events(c, body: dict[str, Any]):
     """SSE events of one stream; errors become an `error` event (the HTTP status is already 200)."""
-    t0 = time.perf_counter()
-    gen = None
+    stream = None
     try:
+        sv = c.servicer
         mid = str(body.get("model_id", ""))
-        model = await c.model(mid)
         req = pb.StreamDecodeRequest(model_id=mid, payload=pb.PAYLOAD_NONE, per_token_l0=True)
         tokens = None
         if body.get("text"):
-            t = await c.encode_text(model, str(body["text"]), int(body.get("max_tokens", 0)))
+            t = await sv.EncodeText(pb.EncodeTextRequest(model_id=mid, text=str(body["text"]),
+                                                         max_tokens=int(body.get("max_tokens", 0))))
             req.activations.CopyFrom(t.activations)
             tokens = list(t.tokens)
         elif body.get("activations") is not None:
@@ -208,9 +211,9 @@ async def _stream_events(c, body: dict[str, Any]):
             req.budget.target_fvu = float(budget["target_fvu"])
         req.ladder.extend(int(g) for g in body.get("ladder") or ())
         top = int(body.get("top", 8))
-        gen = c.service.stream(model, req, t0=t0)
+        stream = sv.StreamDecode(req)
         codes, lo = None, 0
-        for msg in gen:
+        async for msg in stream:
             if msg.HasField("header"):
                 codes = convert.codes_to_arrays(msg.header.codes)
                 yield _sse("header", {"model_id": msg.header.model_id, "ladder": list(msg.header.ladder),
@@ -223,16 +226,15 @@ async def _stream_events(c, body: dict[str, Any]):
                 lo = r.g
             if msg.HasField("end"):
                 e = msg.end
-                yield _sse("end", {"stop_reason": pb.StopReason.Name(e.stop_reason).removeprefix("STOP_REASON_"),
+                yield _sse("end", {"stop_reason": convert.STOP_REASONS[e.stop_reason],
                                    "rungs": e.rungs, "final_g": e.final_g, "elapsed_ms": e.elapsed_ms,
                                    "final_fvu": e.final_fvu if e.HasField("final_fvu") else None})
-            await asyncio.sleep(0)
     except Exception as e:  # noqa: BLE001
         err = e if isinstance(e, ServiceError) else internal(e)
         yield _sse("error", {"code": err.status.value, "message": err.message})
     finally:
-        if gen is not None:
-            gen.close()
+        if stream is not None:
+            await stream.aclose()
 
 
 def _band(codes: convert.SparseArrays | None, lo: int, g: int, top: int) -> list[list[list[float]]]:

@@ -116,6 +116,10 @@ class RegistryConfig:
     """Where loaded models live: "cpu", "cuda", "cuda:N", or "auto" (CUDA when available)."""
 
 
+MAX_RESOLVED = 4096
+"""Resolved ids kept by `Registry.resolve`."""
+
+
 class Registry:
     """Resolves ids to checkpoints under one root; loads them; keeps an LRU of loaded models."""
 
@@ -128,6 +132,7 @@ class Registry:
         self._orderings: dict[str, tuple[str, ...]] = {}
         self._cards: dict[str, ModelCard] = {}
         self._cache: OrderedDict[str, ServedModel] = OrderedDict()
+        self._resolved: dict[str, ModelSpec] = {}
         self._lock = threading.Lock()
         dev = config.device
         if dev == "auto":
@@ -148,7 +153,18 @@ class Registry:
         return [n for n in found if n != "." and not any(part.startswith(".") for part in n.split("/"))]
 
     def resolve(self, model_id: str) -> ModelSpec:
-        """Validate an id (INVALID_ARGUMENT) and find its checkpoint (NOT_FOUND)."""
+        """Validate an id (INVALID_ARGUMENT) and find its checkpoint (NOT_FOUND). Found ids are cached per
+        id string (no realpath or stat per call); a checkpoint removed since then fails on load (NOT_FOUND)."""
+        hit = self._resolved.get(model_id)
+        if hit is not None:
+            return hit
+        spec = self._resolve(model_id)
+        if len(self._resolved) >= MAX_RESOLVED:
+            self._resolved.clear()
+        self._resolved[model_id] = spec
+        return spec
+
+    def _resolve(self, model_id: str) -> ModelSpec:
         model_id = model_id or self.default_id
         if len(model_id) > MAX_ID_CHARS:
             raise invalid(f"model id longer than {MAX_ID_CHARS} characters")

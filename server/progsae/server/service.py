@@ -25,13 +25,6 @@ from .errors import ServiceError, Status, internal, invalid
 from .registry import ModelCard, ServedModel
 from .stats import Stats
 
-STOP_NAMES = {
-    pb.STOP_REASON_LADDER_DONE: "ladder_done",
-    pb.STOP_REASON_MAX_GRANULARITY: "max_granularity",
-    pb.STOP_REASON_DEADLINE: "deadline",
-    pb.STOP_REASON_TARGET_FVU: "target_fvu",
-}
-
 
 @dataclass(frozen=True)
 class ServiceConfig:
@@ -41,6 +34,9 @@ class ServiceConfig:
     """Per-request size limits."""
     torch_threads: int = 0
     """torch intra-op threads in this process; 0 leaves torch's default."""
+    compute_threads: int = 2
+    """Threads that run torch work off the event loop (encode, decode, rungs): calls beyond this many
+    wait their turn while the loop keeps answering health, metadata and other streams."""
 
 
 class CodecService:
@@ -70,6 +66,9 @@ class CodecService:
         except Exception as e:  # noqa: BLE001  (never a traceback to the caller)
             status = Status.INTERNAL.value
             raise internal(e) from e
+        except BaseException:  # the call was cancelled (asyncio) or the process is stopping
+            status = Status.CANCELLED.value
+            raise
         finally:
             self.stats.request(method, status, model, time.perf_counter() - t0)
 
@@ -205,7 +204,7 @@ class CodecService:
             if last_fvu is not None:
                 end.final_fvu = last_fvu
             out.end.CopyFrom(end)  # the end rides on the last rung's message
-            reason_name = STOP_NAMES[reason]
+            reason_name = convert.STOP_REASONS[reason]
             yield out
         finally:
             self.stats.stream_ended(reason_name)

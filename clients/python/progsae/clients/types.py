@@ -13,8 +13,7 @@ from progsae.v1 import progsae_pb2 as pb
 from progsae.v1.convert import SparseArrays
 
 PAYLOADS = {"reconstruction": pb.PAYLOAD_RECONSTRUCTION, "delta": pb.PAYLOAD_DELTA, "none": pb.PAYLOAD_NONE}
-STOP_REASONS = {v.number: v.name.removeprefix("STOP_REASON_").lower()
-                for v in pb.StopReason.DESCRIPTOR.values}
+STOP_REASONS = convert.STOP_REASONS
 
 
 class ProgsaeError(Exception):

@@ -11,10 +11,10 @@ const state = {
 };
 const PALETTE = ["#3056d3", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c7cfa"];
 const STOP_TEXT = {
-  LADDER_DONE: "reached the top of the ladder",
-  MAX_GRANULARITY: "max G reached",
-  DEADLINE: "deadline reached",
-  TARGET_FVU: "target FVU reached",
+  ladder_done: "reached the top of the ladder",
+  max_granularity: "max G reached",
+  deadline: "deadline reached",
+  target_fvu: "target FVU reached",
   CANCELLED: "cancelled",
 };
 const FEATS_SHOWN = 3;
@@ -224,7 +224,7 @@ function renderEnd(panel, e) {
   panel.dataset.stop = e.stop_reason;
   const size = +panel.dataset.ladderSize || e.rungs;
   const stop = panel.querySelector(".stop");
-  stop.textContent = STOP_TEXT[e.stop_reason] || e.stop_reason.toLowerCase().replace(/_/g, " ");
+  stop.textContent = STOP_TEXT[e.stop_reason] || e.stop_reason.replace(/_/g, " ");
   stop.className = "stop " + (e.rungs >= size ? "full" : "early");
   panel.querySelector(".ms").textContent = fmt(e.elapsed_ms, 1);
   if (!e.rungs) panel.querySelector(".rungcount").textContent = `0 / ${size}`;
