@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -38,3 +39,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Fuzz-case tallies, by suite, for the report only (RELIABILITY.md quotes them): each fuzz test
+# asserts on its own cases, so no test depends on which others ran or in what order.
+FUZZ_CASES: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+
+
+@pytest.fixture(scope="session")
+def fuzz_cases() -> collections.defaultdict[str, collections.Counter[str]]:
+    """Add a test's case counts here (`fuzz_cases[suite].update(...)`); printed after the run."""
+    return FUZZ_CASES
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FUZZ_CASES:
+        terminalreporter.section("fuzz cases")
+        for suite, counts in sorted(FUZZ_CASES.items()):
+            terminalreporter.write_line(f"{suite}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())))

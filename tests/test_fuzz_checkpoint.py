@@ -6,6 +6,7 @@ turns that into NOT_FOUND with a one-line message that names no server path.
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 
@@ -29,7 +30,6 @@ JSON_VALUES = st.recursive(
 )
 CFG_KEYS = ["architecture", "d_in", "d_sae", "k", "granularities", "scale", "format_version", "layer", "model",
             "training_tokens", "extra"]
-COUNTS = {"truncate": 0, "bitflip": 0, "cfg": 0, "splice": 0}
 
 
 @pytest.fixture(scope="module")
@@ -63,59 +63,75 @@ def must_fail_cleanly(path) -> None:
         assert str(reg_root) not in e.message and "\n" not in e.message, e.message
 
 
-@settings(FUZZ)
-@given(which=st.sampled_from(FILES), frac=st.floats(0, 0.999))
-def test_truncated(pristine, tmp_path_factory, which, frac):
-    p = fresh(pristine, tmp_path_factory)
-    data = (p / which).read_bytes()
-    (p / which).write_bytes(data[:int(len(data) * frac)])
-    COUNTS["truncate"] += 1
-    if which != checkpoint.METRICS:
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load(p, ordering="mean_sq")
-    must_fail_cleanly(p)
+def test_truncated(pristine, tmp_path_factory, fuzz_cases):
+    seen: collections.Counter[str] = collections.Counter()
+
+    @settings(FUZZ)
+    @given(which=st.sampled_from(FILES), frac=st.floats(0, 0.999))
+    def case(which, frac):
+        p = fresh(pristine, tmp_path_factory)
+        data = (p / which).read_bytes()
+        (p / which).write_bytes(data[:int(len(data) * frac)])
+        seen[which] += 1
+        if which != checkpoint.METRICS:
+            with pytest.raises(checkpoint.CheckpointError):
+                checkpoint.load(p, ordering="mean_sq")
+        must_fail_cleanly(p)
+
+    case()
+    fuzz_cases["checkpoint"]["truncate"] += seen.total()
+    assert set(seen) == set(FILES) and seen.total() >= 50, seen
 
 
-@settings(FUZZ, max_examples=200)
-@given(which=st.sampled_from(FILES), pos=st.floats(0, 0.9999), bit=st.integers(0, 7), flips=st.integers(1, 3))
-def test_bit_flipped(pristine, tmp_path_factory, which, pos, bit, flips):
-    p = fresh(pristine, tmp_path_factory)
-    data = bytearray((p / which).read_bytes())
-    for j in range(flips):
-        i = (int(len(data) * pos) + 97 * j) % len(data)
-        data[i] ^= 1 << bit
-    (p / which).write_bytes(bytes(data))
-    COUNTS["bitflip"] += 1
-    must_fail_cleanly(p)
+def test_bit_flipped(pristine, tmp_path_factory, fuzz_cases):
+    seen: collections.Counter[str] = collections.Counter()
+
+    @settings(FUZZ, max_examples=200)
+    @given(which=st.sampled_from(FILES), pos=st.floats(0, 0.9999), bit=st.integers(0, 7), flips=st.integers(1, 3))
+    def case(which, pos, bit, flips):
+        p = fresh(pristine, tmp_path_factory)
+        data = bytearray((p / which).read_bytes())
+        for j in range(flips):
+            i = (int(len(data) * pos) + 97 * j) % len(data)
+            data[i] ^= 1 << bit
+        (p / which).write_bytes(bytes(data))
+        seen[which] += 1
+        must_fail_cleanly(p)
+
+    case()
+    fuzz_cases["checkpoint"]["bitflip"] += seen.total()
+    assert set(seen) == set(FILES) and seen.total() >= 100, seen
 
 
-@settings(FUZZ, max_examples=200)
-@given(key=st.sampled_from(CFG_KEYS), value=JSON_VALUES, where=st.sampled_from(["progsae", "top"]))
-def test_wrong_cfg(pristine, tmp_path_factory, key, value, where):
-    p = fresh(pristine, tmp_path_factory)
-    cfg = json.loads((p / checkpoint.CFG).read_text())
-    if where == "progsae":
-        cfg["progsae"][key] = value
-    else:  # a SAELens-style cfg (no progsae block) with a fuzzed top-level field
-        cfg.pop("progsae")
-        cfg[key] = value
-    (p / checkpoint.CFG).write_text(json.dumps(cfg))
-    COUNTS["cfg"] += 1
-    must_fail_cleanly(p)
+def test_wrong_cfg(pristine, tmp_path_factory, fuzz_cases):
+    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    @settings(FUZZ, max_examples=200)
+    @given(key=st.sampled_from(CFG_KEYS), value=JSON_VALUES, where=st.sampled_from(["progsae", "top"]))
+    def case(key, value, where):
+        p = fresh(pristine, tmp_path_factory)
+        cfg = json.loads((p / checkpoint.CFG).read_text())
+        if where == "progsae":
+            cfg["progsae"][key] = value
+        else:  # a SAELens-style cfg (no progsae block) with a fuzzed top-level field
+            cfg.pop("progsae")
+            cfg[key] = value
+        (p / checkpoint.CFG).write_text(json.dumps(cfg))
+        seen[where, key] += 1
+        must_fail_cleanly(p)
+
+    case()
+    fuzz_cases["checkpoint"]["cfg"] += seen.total()
+    assert {w for w, _ in seen} == {"progsae", "top"} and {k for _, k in seen} == set(CFG_KEYS), seen
+    assert seen.total() >= 100, seen
 
 
-@settings(FUZZ, max_examples=30)
-@given(which=st.sampled_from([checkpoint.WEIGHTS, checkpoint.ORDERING, checkpoint.CFG]))
-def test_file_from_another_checkpoint(pristine, tmp_path_factory, which):
-    """Files spliced from a checkpoint of another width: caught by shape checks, not by luck."""
+@pytest.mark.parametrize("which", [checkpoint.WEIGHTS, checkpoint.ORDERING, checkpoint.CFG])
+def test_file_from_another_checkpoint(pristine, tmp_path_factory, fuzz_cases, which):
+    """A file spliced from a checkpoint of another width: caught by shape checks, not by luck."""
     p = fresh(pristine, tmp_path_factory)
     shutil.copy(pristine / "other" / which, p / which)
-    COUNTS["splice"] += 1
+    fuzz_cases["checkpoint"]["splice"] += 1
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load(p, ordering="mean_sq")
     must_fail_cleanly(p)
-
-
-def test_zz_report_counts():
-    print("\ncheckpoint fuzz cases:", COUNTS)
-    assert sum(COUNTS.values()) >= 400

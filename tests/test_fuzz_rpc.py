@@ -2,7 +2,9 @@
 
 Every call must end OK or with a documented status, carry a one-line message with no traceback,
 path or internal detail, and leave the server serving: a good call right after succeeds.
-The number of cases tried per RPC is printed at the end (RELIABILITY.md quotes it).
+After each test the server has counted no INTERNAL, and the test made at least half its example
+budget of calls per RPC. The cases and outcomes per RPC are printed in the session's summary
+(tests/conftest.py; RELIABILITY.md quotes them).
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ ALLOWED = {
     "EncodeText": DOCUMENTED | {"UNIMPLEMENTED"}, "GetModel": DOCUMENTED, "ListModels": DOCUMENTED,
     "GetServerStats": DOCUMENTED,
 }
-CASES: collections.Counter[str] = collections.Counter()
-OUTCOMES: collections.Counter[tuple[str, str]] = collections.Counter()
 FUZZ = settings(deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -87,9 +87,17 @@ def clean_message(details: str, root) -> None:
     assert len(details) < 400, details
 
 
-def call(stub, root, rpc: str, req, timeout: float = 20.0, metadata=None) -> grpc.StatusCode:
+class Tally:
+    """The calls of one fuzz test: cases per RPC and outcomes per RPC and status."""
+
+    def __init__(self) -> None:
+        self.cases: collections.Counter[str] = collections.Counter()
+        self.outcomes: collections.Counter[str] = collections.Counter()
+
+
+def call(tally: Tally, stub, root, rpc: str, req, timeout: float = 20.0, metadata=None) -> grpc.StatusCode:
     """One call, its status checked; after a failure a good call must succeed."""
-    CASES[rpc] += 1
+    tally.cases[rpc] += 1
     try:
         out = getattr(stub, rpc)(req, timeout=timeout, metadata=metadata)
         if rpc == "StreamDecode":
@@ -100,11 +108,22 @@ def call(stub, root, rpc: str, req, timeout: float = 20.0, metadata=None) -> grp
         code = e.code()
         assert code.name in ALLOWED[rpc], (rpc, code, e.details())
         clean_message(e.details() or "", root)
-    OUTCOMES[(rpc, code.name)] += 1
+    tally.outcomes[f"{rpc}:{code.name}"] += 1
     if code != grpc.StatusCode.OK:
         good = stub.Encode(pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(GOOD_X)), timeout=20)
         assert len(good.codes.offsets) == GOOD_X.shape[0] + 1
     return code
+
+
+def settle(tally: Tally, stub, fuzz_cases, minimum: dict[str, int]) -> None:
+    """End of a fuzz test: its tally goes to the report; the server answers and has counted no
+    INTERNAL (also none that the client saw as a deadline or cancel); each RPC got its cases."""
+    fuzz_cases["rpc cases"].update(tally.cases)
+    fuzz_cases["rpc outcomes"].update(tally.outcomes)
+    stats = stub.GetServerStats(pb.ServerStatsRequest(), timeout=10)
+    assert not any(k.endswith(":INTERNAL") for k in stats.requests), dict(stats.requests)
+    for rpc, n in minimum.items():
+        assert tally.cases[rpc] >= n, (rpc, dict(tally.cases))
 
 
 # --- strategies ---------------------------------------------------------------------------------------------
@@ -186,23 +205,35 @@ def _md_ok(v: str) -> bool:
 # --- the fuzz tests ------------------------------------------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=200)
-@given(model=MODEL_IDS, t=st.one_of(tensors(), st.none()), mode=MODE, g=st.one_of(st.just(0), G), timeout=timeouts(),
-       md=metadatas())
-def test_fuzz_encode(stub, root, model, t, mode, g, timeout, md):
-    req = pb.EncodeRequest(model_id=model, mode=mode, granularity=g)
-    if t is not None:
-        req.activations.CopyFrom(t)
-    call(stub, root, "Encode", req, timeout, md)
+def test_fuzz_encode(stub, root, fuzz_cases):
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=200)
+    @given(model=MODEL_IDS, t=st.one_of(tensors(), st.none()), mode=MODE, g=st.one_of(st.just(0), G),
+           timeout=timeouts(), md=metadatas())
+    def case(model, t, mode, g, timeout, md):
+        req = pb.EncodeRequest(model_id=model, mode=mode, granularity=g)
+        if t is not None:
+            req.activations.CopyFrom(t)
+        call(tally, stub, root, "Encode", req, timeout, md)
+
+    case()
+    settle(tally, stub, fuzz_cases, {"Encode": 100})
 
 
-@settings(FUZZ, max_examples=200)
-@given(model=MODEL_IDS, c=st.one_of(codes(), st.none()), g=G, dtype=DTYPE, timeout=timeouts())
-def test_fuzz_decode(stub, root, model, c, g, dtype, timeout):
-    req = pb.DecodeRequest(model_id=model, granularity=g, output_dtype=dtype)
-    if c is not None:
-        req.codes.CopyFrom(c)
-    call(stub, root, "DecodeAtGranularity", req, timeout)
+def test_fuzz_decode(stub, root, fuzz_cases):
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=200)
+    @given(model=MODEL_IDS, c=st.one_of(codes(), st.none()), g=G, dtype=DTYPE, timeout=timeouts())
+    def case(model, c, g, dtype, timeout):
+        req = pb.DecodeRequest(model_id=model, granularity=g, output_dtype=dtype)
+        if c is not None:
+            req.codes.CopyFrom(c)
+        call(tally, stub, root, "DecodeAtGranularity", req, timeout)
+
+    case()
+    settle(tally, stub, fuzz_cases, {"DecodeAtGranularity": 100})
 
 
 @st.composite
@@ -229,40 +260,65 @@ def ladders(draw) -> list[int]:
     return draw(st.lists(INT64, max_size=10))
 
 
-@settings(FUZZ, max_examples=200)
-@given(model=MODEL_IDS, which=st.sampled_from(["activations", "codes", "none"]), t=tensors(), c=codes(),
-       budget=budgets(), payload=PAYLOAD, ladder=ladders(), dtype=DTYPE, per_token=st.booleans(), timeout=timeouts())
-def test_fuzz_stream(stub, root, model, which, t, c, budget, payload, ladder, dtype, per_token, timeout):
-    req = pb.StreamDecodeRequest(model_id=model, budget=budget, payload=payload, ladder=ladder, output_dtype=dtype,
-                                 per_token_l0=per_token)
-    if which == "activations":
-        req.activations.CopyFrom(t)
-    elif which == "codes":
-        req.codes.CopyFrom(c)
-    call(stub, root, "StreamDecode", req, timeout)
+def test_fuzz_stream(stub, root, fuzz_cases):
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=200)
+    @given(model=MODEL_IDS, which=st.sampled_from(["activations", "codes", "none"]), t=tensors(), c=codes(),
+           budget=budgets(), payload=PAYLOAD, ladder=ladders(), dtype=DTYPE, per_token=st.booleans(),
+           timeout=timeouts())
+    def case(model, which, t, c, budget, payload, ladder, dtype, per_token, timeout):
+        req = pb.StreamDecodeRequest(model_id=model, budget=budget, payload=payload, ladder=ladder,
+                                     output_dtype=dtype, per_token_l0=per_token)
+        if which == "activations":
+            req.activations.CopyFrom(t)
+        elif which == "codes":
+            req.codes.CopyFrom(c)
+        call(tally, stub, root, "StreamDecode", req, timeout)
+
+    case()
+    settle(tally, stub, fuzz_cases, {"StreamDecode": 100})
 
 
-@settings(FUZZ, max_examples=60)
-@given(model=MODEL_IDS, text=st.one_of(st.text(max_size=64), st.just("x" * (LIMITS.max_text_chars + 1))),
-       n=st.integers(-(2 ** 31), 2 ** 31 - 1))
-def test_fuzz_encode_text(stub, root, model, text, n):
-    call(stub, root, "EncodeText", pb.EncodeTextRequest(model_id=model, text=text, max_tokens=n))
+def test_fuzz_encode_text(stub, root, fuzz_cases):
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=60)
+    @given(model=MODEL_IDS, text=st.one_of(st.text(max_size=64), st.just("x" * (LIMITS.max_text_chars + 1))),
+           n=st.integers(-(2 ** 31), 2 ** 31 - 1))
+    def case(model, text, n):
+        call(tally, stub, root, "EncodeText", pb.EncodeTextRequest(model_id=model, text=text, max_tokens=n))
+
+    case()
+    settle(tally, stub, fuzz_cases, {"EncodeText": 30})
 
 
-@settings(FUZZ, max_examples=100)
-@given(model=MODEL_IDS, md=metadatas())
-def test_fuzz_model_ids(stub, root, model, md):
+def test_fuzz_model_ids(stub, root, fuzz_cases):
     """GetModel over arbitrary ids: traversal, absolute, NUL, unicode, overlong; never a file outside root."""
-    code = call(stub, root, "GetModel", pb.GetModelRequest(model_id=model), metadata=md)
-    if code == grpc.StatusCode.OK:
-        assert model.partition("@")[0] in ("", "topk", "mat") or md, model
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=100)
+    @given(model=MODEL_IDS, md=metadatas())
+    def case(model, md):
+        code = call(tally, stub, root, "GetModel", pb.GetModelRequest(model_id=model), metadata=md)
+        if code == grpc.StatusCode.OK:
+            assert model.partition("@")[0] in ("", "topk", "mat") or md, model
+
+    case()
+    settle(tally, stub, fuzz_cases, {"GetModel": 50})
 
 
-@settings(FUZZ, max_examples=20)
-@given(md=metadatas())
-def test_fuzz_list_and_stats(stub, root, md):
-    call(stub, root, "ListModels", pb.ListModelsRequest(), metadata=md)
-    call(stub, root, "GetServerStats", pb.ServerStatsRequest(), metadata=md)
+def test_fuzz_list_and_stats(stub, root, fuzz_cases):
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=20)
+    @given(md=metadatas())
+    def case(md):
+        call(tally, stub, root, "ListModels", pb.ListModelsRequest(), metadata=md)
+        call(tally, stub, root, "GetServerStats", pb.ServerStatsRequest(), metadata=md)
+
+    case()
+    settle(tally, stub, fuzz_cases, {"ListModels": 10, "GetServerStats": 10})
 
 
 def _good_requests() -> dict[str, object]:
@@ -297,18 +353,24 @@ def one_field_request(rpc: str, name: str, value):
     return req
 
 
-@settings(FUZZ, max_examples=300)
-@given(data=st.data(), rpc=st.sampled_from(sorted(ONE_FIELD)))
-def test_fuzz_one_field_of_a_good_request(stub, root, data, rpc):
+def test_fuzz_one_field_of_a_good_request(stub, root, fuzz_cases):
     """A good request with exactly one field replaced by a fuzzed value (each bad value in isolation)."""
-    name = data.draw(st.sampled_from(sorted(ONE_FIELD[rpc])), label="field")
-    value = data.draw(ONE_FIELD[rpc][name], label=name)
-    req = one_field_request(rpc, name, value)
-    call(stub, root, rpc, req)
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=300)
+    @given(data=st.data(), rpc=st.sampled_from(sorted(ONE_FIELD)))
+    def case(data, rpc):
+        name = data.draw(st.sampled_from(sorted(ONE_FIELD[rpc])), label="field")
+        value = data.draw(ONE_FIELD[rpc][name], label=name)
+        call(tally, stub, root, rpc, one_field_request(rpc, name, value))
+
+    case()
+    settle(tally, stub, fuzz_cases, {rpc: 50 for rpc in ONE_FIELD})
 
 
-def test_raw_bytes_never_kill_the_server(stub, server, root):
+def test_raw_bytes_never_kill_the_server(stub, server, root, fuzz_cases):
     """Random request bytes: decoded (unknown fields are legal protobuf) or INVALID_ARGUMENT; the server stays up."""
+    tally = Tally()
     ch = grpc.insecure_channel(server.address)
     rng = np.random.default_rng(0)
     for i in range(120):
@@ -316,7 +378,7 @@ def test_raw_bytes_never_kill_the_server(stub, server, root):
         method = ["Encode", "DecodeAtGranularity", "GetModel", "StreamDecode"][i % 4]
         path = f"/progsae.v1.Progsae/{method}"
         fn = ch.unary_stream(path) if method == "StreamDecode" else ch.unary_unary(path)
-        CASES["raw bytes"] += 1
+        tally.cases["raw bytes"] += 1
         try:
             out = fn(raw, timeout=10)
             if method == "StreamDecode":
@@ -326,13 +388,4 @@ def test_raw_bytes_never_kill_the_server(stub, server, root):
             clean_message(e.details() or "", root)
     ch.close()
     assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
-
-
-def test_zz_report_counts(stub):
-    """Last: how many cases each RPC saw (and the server still answers)."""
-    print("\nfuzz cases per RPC:", dict(CASES))
-    print("outcomes:", {f"{r}:{c}": n for (r, c), n in sorted(OUTCOMES.items())})
-    stats = stub.GetServerStats(pb.ServerStatsRequest(), timeout=10)
-    assert not any(k.endswith(":INTERNAL") for k in stats.requests), dict(stats.requests)
-    for rpc in ("Encode", "DecodeAtGranularity", "StreamDecode", "GetModel"):
-        assert CASES[rpc] >= 100, CASES
+    settle(tally, stub, fuzz_cases, {"raw bytes": 120})
