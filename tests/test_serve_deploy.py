@@ -6,13 +6,12 @@ import importlib
 import json
 from pathlib import Path
 
-import pytest
 import yaml
+from ray.serve import schema
 
 from progsae.server.config import AppConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-schema = pytest.importorskip("ray.serve.schema")
 
 
 def _check_serve_config(cfg: dict) -> None:

@@ -14,20 +14,17 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-ray = pytest.importorskip("ray")
-
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
-
-from progsae.clients import Client, ProgsaeError  # noqa: E402
-from progsae.sae import checkpoint  # noqa: E402
-from progsae.server import launch, testing  # noqa: E402
-from progsae.server.config import AppConfig  # noqa: E402
-from progsae.server.testing import free_port  # noqa: E402
-from progsae.server.validate import Limits  # noqa: E402
-from progsae.v1 import progsae_pb2 as pb  # noqa: E402
-from progsae.v1 import progsae_pb2_grpc as pb_grpc  # noqa: E402
+from progsae.clients import Client, ProgsaeError
+from progsae.sae import checkpoint
+from progsae.server import launch, testing
+from progsae.server.config import AppConfig
+from progsae.server.testing import free_port
+from progsae.server.validate import Limits
+from progsae.v1 import progsae_pb2 as pb
+from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 LIMITS = Limits(max_request_bytes=1 << 20, max_tokens=4096)
 
