@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from progsae import cli
-from progsae.sae import checkpoint
-from progsae.trainer.activations import CacheWriter, Manifest
+from progsae.sae import checkpoint, metrics
+from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
 from progsae.trainer.config import TrainConfig
 from progsae.trainer.train import train
 from progsae.trainer.train_state import state_dir
@@ -46,6 +46,18 @@ def tiny(arch: str = "matryoshka", **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def last_batch(cache: Path, meta: checkpoint.CheckpointMeta) -> torch.Tensor:
+    """The raw activations of the last optimiser step: the trainer's shuffled order of the rows its
+    outlier policy keeps (ActivationCache.batches with the run's seed), batch number steps - 1."""
+    cfg, steps = meta.extra["train_config"], meta.extra["steps"]
+    acts = ActivationCache(cache)  # the default outlier policy, the one the run recorded:
+    assert {k: acts.outliers()[k] for k in ("threshold", "excluded", "total")} == {
+        k: meta.extra["outlier_policy"][k] for k in ("threshold", "excluded", "total")}
+    epochs = -(-steps // (len(acts) // cfg["batch_size"]))
+    (x,) = acts.batches(cfg["batch_size"], shuffle=True, seed=cfg["seed"], start_batch=steps - 1, epochs=epochs)
+    return x
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     ck = checkpoint.load(path)
     return {"W_enc": ck.sae.W_enc, "W_dec": ck.sae.W_dec, "b_enc": ck.sae.b_enc, "b_dec": ck.sae.b_dec}
@@ -72,8 +84,18 @@ def test_train_writes_checkpoint(cache, tmp_path, arch):
     assert {"step", "tokens", "loss", "fvu", "l0", "dead_frac", "tokens_per_s"} <= log[0].keys()
     assert log[-1]["fvu"] < 1.0 and log[-1]["l0"] <= 4
     assert not state_dir(out).exists()
-    # decoding through the saved checkpoint reproduces the logged scale: FVU well below 1
-    assert ("fvu_rungs" in log[0]) == (arch == "matryoshka")
+    assert ("fvu_rungs" in log[0]) == ("fvu_saved_rungs" in log[-1]) == (arch == "matryoshka")
+    assert "fvu_saved" in log[-1] and not any("fvu_saved" in r for r in log[:-1])
+    # decoding the last step's batch through the saved checkpoint reproduces the logged FVU of the
+    # saved weights (`fvu` is measured before that step's update, `fvu_saved` after it)
+    x = last_batch(cache, ck.meta)
+    codes = ck.sae.encode(x)
+    rungs = log[-1].get("fvu_saved_rungs", [log[-1]["fvu_saved"]])
+    ladder = m.granularities if arch == "matryoshka" else (m.d_sae,)
+    fvus = [metrics.fvu(x, ck.sae.decode(codes, g)) for g in ladder]
+    assert fvus == pytest.approx(rungs, rel=1e-6) and fvus[-1] == pytest.approx(log[-1]["fvu_saved"], rel=1e-6)
+    # the same batch before the update (float32, in the step's forward): the step lowered its FVU, a little
+    assert fvus[-1] < log[-1]["fvu"] < fvus[-1] + 0.05
 
 
 def test_interrupted_run_resumes_to_identical_weights(cache, tmp_path):

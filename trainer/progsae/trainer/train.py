@@ -6,6 +6,11 @@ last state: data order (ActivationCache.batches with the seed, skipping done bat
 parameters, Adam moments, dead-latent counters and RNG are restored, so the final weights
 equal those of an uninterrupted run. At the end OUT is written with checkpoint.save, the
 log is copied to OUT/train_log.jsonl and OUT.training/ is removed.
+
+Each log line's `fvu` (and `fvu_rungs`) is the batch FVU the step's forward measured, before its
+optimiser update. The last line also has `fvu_saved` (and `fvu_saved_rungs`): the float64 FVU
+(SPEC §5) of the weights after that step, i.e. the saved ones, on the same batch, so that
+decoding that batch through the saved checkpoint reproduces a logged number.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ import torch
 from progsae.sae import checkpoint
 from progsae.sae.checkpoint import CheckpointMeta
 from progsae.sae.codec import SAE
+from progsae.sae.metrics import fvu as batch_fvu
 
 from . import train_state as ts
 from .activations import ActivationCache
 from .config import TrainConfig
 from .dead_latents import DeadTracker
-from .losses import TrainableSAE, optimizer_step
+from .losses import TrainableSAE, band_partials, optimizer_step
 from .sae_init import init_b_dec, norm_scale
+from .sparse_topk import topk_encode
 
 # Settings that may differ between a run and its resumption (they change no weights).
 RESUMABLE_KEYS = ("checkpoint_every", "log_every")
@@ -149,6 +156,15 @@ def _log_line(out: Any, step: int, tokens: int, tok_s: float, dead: float, lr: f
     return rec
 
 
+@torch.no_grad()
+def _fvus_now(sae: TrainableSAE, x: torch.Tensor, k: int, ladder: tuple[int, ...]) -> list[float]:
+    """Float64 FVU at each rung of the ladder of batch x (normalised scale) by sae's current
+    weights: the training forward's one top-k and nested prefix decode, without AuxK."""
+    sel = topk_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, k)
+    recon = band_partials(sae.W_dec, sel, ladder).cumsum(0) + sae.b_dec
+    return [batch_fvu(x, r) for r in recon]
+
+
 def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: bool = True,
           max_steps: int | None = None, metrics_port: int | None = None) -> Path:
     """Train (or resume) and write the checkpoint `out`. `max_steps` stops early (tests);
@@ -221,6 +237,11 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
                 now = time.perf_counter()
                 tok_s = (meta.tokens - tok_log) / max(now - t_log, 1e-9)
                 rec = _log_line(o, step, meta.tokens, tok_s, float(dead_mask.float().mean()), lr)
+                if step == total_steps:  # these weights are the ones saved: their FVU on this batch
+                    saved = _fvus_now(sae, x, cfg.k, ladder)
+                    rec["fvu_saved"] = saved[-1]
+                    if len(saved) > 1:
+                        rec["fvu_saved_rungs"] = saved
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 metrics.update(rec)
