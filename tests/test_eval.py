@@ -63,6 +63,7 @@ def test_topk_all_orderings_match_direct_decode(world):
 def test_batch_split_invariance(world):
     a = evaluate(world["topk"], world["acts"], quick(batch_size=37, ordering="mean_sq"))
     b = evaluate(world["topk"], world["acts"], quick(batch_size=4096, ordering="mean_sq"))
+    assert len(a.orderings["mean_sq"].rungs) == len(b.orderings["mean_sq"].rungs) > 0
     for qa, qb in zip(a.orderings["mean_sq"].rungs, b.orderings["mean_sq"].rungs):
         assert qa.fvu == pytest.approx(qb.fvu, rel=1e-9)
         assert qa.fvu_all == pytest.approx(qb.fvu_all, rel=1e-9)
@@ -77,6 +78,7 @@ def test_rsa_matches_direct(world):
     x = kept.gather(rows[pick])
     sae = checkpoint.load(world["topk"]).sae
     codes = sae.encode(x)
+    assert r.orderings["none"].rungs
     for q in r.orderings["none"].rungs:
         assert q.rsa == pytest.approx(rsa(x, sae.decode(codes, q.g)), abs=1e-6)  # float32 sum order
 
