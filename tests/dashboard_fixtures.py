@@ -18,7 +18,7 @@ from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE
 from progsae.trainer import features
 from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
-from progsae.trainer.features_cmd import LogitLens
+from progsae.trainer.features import LogitLens
 
 LM, LAYER, CONTEXT = "smollm2-135m", 20, 33
 M, K, LADDER = 256, 8, (16, 32, 64, 128, 256)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from progsae.cli import main
+from progsae.cli.serve import roots_and_ids
 from progsae.server import testing
-from progsae.server.cli import roots_and_ids
 from progsae.server.grpc_server import PlainServer
 from progsae.server.registry import RegistryConfig
 

@@ -15,6 +15,7 @@ from progsae.sae.metrics import FVUAccumulator, rsa
 from progsae.trainer.activations import ActivationCache
 from progsae.trainer.eval_types import CEBaseline, RungMetrics
 from progsae.trainer.evaluate import EvalConfig, evaluate, format_table, save_result
+from progsae.trainer.outliers import DEFAULT, KEEP_ALL
 from tests import eval_fixtures as fx
 
 
@@ -34,9 +35,9 @@ def test_topk_all_orderings_match_direct_decode(world):
     r = evaluate(world["topk"], world["acts"], quick(batch_size=100))
     assert list(r.orderings) == ["none", "mean_sq", "freq"]
     assert r.outliers["excluded"] == 3 and r.n_tokens == 512 - 3 and r.n_tokens_all == 512
-    kept = ActivationCache(world["acts"], outlier_factor=10.0)
+    kept = ActivationCache(world["acts"], outliers=DEFAULT)
     x_kept = kept.gather(kept.rows())
-    x_all = ActivationCache(world["acts"], outlier_factor=None).gather(np.arange(512))
+    x_all = ActivationCache(world["acts"], outliers=KEEP_ALL).gather(np.arange(512))
     for name, o in r.orderings.items():
         sae = checkpoint.load(world["topk"], ordering=name).sae  # independent path: load + decode
         codes, codes_all = sae.encode(x_kept), sae.encode(x_all)
@@ -72,7 +73,7 @@ def test_batch_split_invariance(world):
 
 def test_rsa_matches_direct(world):
     r = evaluate(world["topk"], world["acts"], quick(ordering="none"))
-    kept = ActivationCache(world["acts"], outlier_factor=10.0)
+    kept = ActivationCache(world["acts"], outliers=DEFAULT)
     rows = kept.rows()
     pick = np.sort(np.random.default_rng(0).choice(len(rows), size=200, replace=False))
     x = kept.gather(rows[pick])
@@ -92,7 +93,7 @@ def test_matryoshka_evaluates_its_trained_order(world):
 
 
 def test_outlier_policy_off(world):
-    r = evaluate(world["topk"], world["acts"], quick(ordering="none", outlier_factor=0))
+    r = evaluate(world["topk"], world["acts"], quick(ordering="none", outlier_factor=KEEP_ALL))
     assert r.outliers["excluded"] == 0 and r.n_tokens == 512
     q = r.orderings["none"].rungs[-1]
     assert q.fvu == pytest.approx(q.fvu_all)
@@ -172,7 +173,7 @@ def test_ce_splice_through_tiny_llama(tmp_path):
     meta = checkpoint.CheckpointMeta(architecture="topk", d_in=fx.D, d_sae=2 * fx.D, k=fx.D,
                                      granularities=(16, 32, 64), model="tiny", layer=layer)
     ck = checkpoint.save(tmp_path / "perfect", perfect_sae(), meta)
-    cfg = quick(ordering="none", ce=True, ce_contexts=4, ce_batch=3, outlier_factor=0)
+    cfg = quick(ordering="none", ce=True, ce_contexts=4, ce_batch=3, outlier_factor=KEEP_ALL)
     r = evaluate(ck, tmp_path / "acts", cfg, model=model)
     assert r.ce is not None and r.ce.n_contexts == 4 and r.ce.n_tokens == 4 * (fx.CONTEXT - 2)
     assert r.ce.splice_check < 1e-5
@@ -205,7 +206,7 @@ def test_ce_splice_through_tiny_llama(tmp_path):
     assert CEBaseline.from_json(m["eval"]["ce"]) == r.ce  # round trip, per-context sums included
     assert [RungMetrics.from_json(q) for q in m["none"]["rungs"]] == r.orderings["none"].rungs
     # a later eval without --ce (same settings) keeps the CE numbers
-    save_result(evaluate(ck, tmp_path / "acts", quick(ordering="none", outlier_factor=0)), ck)
+    save_result(evaluate(ck, tmp_path / "acts", quick(ordering="none", outlier_factor=KEEP_ALL)), ck)
     m = json.loads((ck / "metrics.json").read_text())
     assert m["none"]["rungs"][-1]["ce_recovered"] == pytest.approx(full.ce_recovered)
     assert m["none"]["rungs"][0]["ce_context_sums"] == half.ce_context_sums

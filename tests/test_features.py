@@ -14,6 +14,7 @@ from progsae.sae import checkpoint
 from progsae.server import testing
 from progsae.trainer import features
 from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
+from progsae.trainer.outliers import KEEP_ALL
 
 D, M, K, CONTEXT, N_CTX = 32, 256, 8, 17, 24
 
@@ -48,7 +49,7 @@ def fake_lens(rows):
 def test_cards_match_brute_force(setup):
     ck, acts, x, toks = setup
     sae = checkpoint.load(ck).sae
-    cache = ActivationCache(acts, outlier_factor=None)
+    cache = ActivationCache(acts, outliers=KEEP_ALL)
     cfg = features.FeatureConfig(top_n=3, window=2, promoted=3, batch_contexts=5, batch_rows=7, progress=False)
     cards = features.compute(sae, cache, cfg, decode=lambda ids: [f"t{i}" for i in ids], lens=fake_lens)
     codes = sae.encode(torch.from_numpy(x))

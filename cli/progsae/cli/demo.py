@@ -17,6 +17,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from progsae.clients.flags import add_dataclass
+
+if TYPE_CHECKING:
+    from progsae.server.launch import LocalCluster
+
+HELP = "harvest, train, order, evaluate, report, serve and stream on the defaults"
 
 DEMO_TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower in Paris, named after the engineer "
@@ -52,14 +60,22 @@ class DemoConfig:
     """Adam learning rate (higher than the large-run default: the demo takes few steps)."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="harvest, train, order, evaluate, report, serve and stream on the defaults")
-    p.add_argument("--out", default=DemoConfig.out, help="working directory for artifacts")
-    p.add_argument("--grpc-port", type=int, default=9000)
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--no-serve", action="store_true", help="stop after the report")
-    p.add_argument("--no-wait", action="store_true", help="stop serving after the streamed example")
-    p.set_defaults(func=run)
+@dataclass
+class DemoRun:
+    """How far the demo goes."""
+
+    serve: bool = True
+    """Serve both checkpoints and stream an example after the report."""
+    wait: bool = True
+    """Keep serving after the streamed example, until Ctrl-C."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from progsae.server.launch import LocalCluster
+
+    config, run_options = add_dataclass(parser, DemoConfig), add_dataclass(parser, DemoRun)
+    cluster = add_dataclass(parser, LocalCluster, only=["grpc_port", "http_port"])
+    parser.set_defaults(run=lambda args: run(config.build(args), run_options.build(args), cluster.build(args)))
 
 
 def _step(title: str, argv: list[str], done: Path | None = None) -> None:
@@ -137,20 +153,21 @@ def stream_example(grpc_target: str, model_id: str) -> None:
         print(f"   stopped: {stream.result.stop_reason}")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(out=args.out)
+def run(cfg: DemoConfig, opts: DemoRun, cluster: LocalCluster) -> int:
     mat, topk = build(cfg)
-    if args.no_serve:
+    if not opts.serve:
         return 0
     from progsae.server import launch
-    from progsae.server.cli import roots_and_ids
     from progsae.server.config import AppConfig
 
-    root, ids = roots_and_ids([str(mat), f"{topk}"])
-    print(f"\n== serve both checkpoints (Ray Serve, gRPC :{args.grpc_port}, HTTP :{args.http_port})")
-    print(f"$ progsae serve {mat} {topk} --grpc-port {args.grpc_port} --http-port {args.http_port}", flush=True)
+    from .serve import roots_and_ids
+
+    root, ids = roots_and_ids([str(mat), str(topk)])
+    ports = f"--grpc-port {cluster.grpc_port} --http-port {cluster.http_port}"
+    print(f"\n== serve both checkpoints (Ray Serve, gRPC :{cluster.grpc_port}, HTTP :{cluster.http_port})")
+    print(f"$ progsae serve {mat} {topk} {ports}", flush=True)
     app = AppConfig(checkpoint_root=str(root), models=tuple(ids), text=True)
-    addrs = launch.start(app, launch.LocalCluster(grpc_port=args.grpc_port, http_port=args.http_port))
+    addrs = launch.start(app, cluster)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # Ray may have replaced the SIGINT handler
         signal.signal(sig, lambda *_: stop.set())
@@ -158,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         stream_example(addrs["grpc"], ids[0])
         print(f"\ngRPC      {addrs['grpc']}   (try: progsae client --target {addrs['grpc']} models)")
         print(f"dashboard {addrs['http']}/   (type text, watch features refine as G climbs)")
-        if not args.no_wait:
+        if opts.wait:
             print("serving; Ctrl-C stops", flush=True)
             while not stop.wait(1.0):
                 pass

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+
+from progsae.clients.flags import add_dataclass
+
+HELP = "print a checkpoint's architecture, shapes, ladder, ordering, metrics"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="print a checkpoint's architecture, shapes, ladder, ordering, metrics")
-    p.add_argument("checkpoint", help="checkpoint directory (ours or SAELens)")
-    p.set_defaults(func=run)
+@dataclass
+class InspectRun:
+    """The checkpoint to describe."""
+
+    checkpoint: str = field(metadata={"positional": True})
+    """Checkpoint directory (ours or SAELens)."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    options = add_dataclass(parser, InspectRun)
+    parser.set_defaults(run=lambda args: run(options.build(args)))
 
 
 def describe(path: str) -> str:
@@ -43,6 +55,6 @@ def describe(path: str) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    print(describe(args.checkpoint))
+def run(opts: InspectRun) -> int:
+    print(describe(opts.checkpoint))
     return 0

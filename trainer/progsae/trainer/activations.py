@@ -11,9 +11,9 @@ Shards are written with temp + rename and registered in the manifest only once w
 an interrupted harvest resumes from the last registered shard and the finished cache is
 byte-identical to an uninterrupted one (the writer must be deterministic).
 
-The outlier policy (shared/DATA.md) is applied when *reading*: rows whose norm exceeds
-`outlier_factor` x the cache's median token norm are excluded, and counted. Training and
-evaluation read through the same `ActivationCache`, so they apply the same policy.
+The outlier policy (shared/DATA.md, trainer/outliers.py) is applied when *reading*: rows whose
+norm exceeds `outliers.factor` x the cache's median token norm are excluded, and counted.
+Training and evaluation read through the same `ActivationCache`, so they apply the same policy.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import torch
 
 from progsae.sae.checkpoint import atomic_write
 
+from .outliers import DEFAULT, OutlierPolicy
+
 FORMAT = "progsae-acts/1"
 MANIFEST = "manifest.json"
-DEFAULT_OUTLIER_FACTOR = 10.0
 
 
 class CacheError(ValueError):
@@ -187,13 +188,13 @@ class CacheWriter:
 
 
 class OutlierStats(dict):
-    """{"threshold": norm, "excluded": rows, "total": rows}."""
+    """{"threshold": norm, "factor": the policy's factor (None: every row kept), "excluded": rows, "total": rows}."""
 
 
 class ActivationCache:
     """Read side: memory-mapped shards, outlier policy, shuffled or ordered batches."""
 
-    def __init__(self, directory: str | Path, outlier_factor: float | None = DEFAULT_OUTLIER_FACTOR,
+    def __init__(self, directory: str | Path, outliers: OutlierPolicy = DEFAULT,
                  verify: bool = False, require_complete: bool = True):
         self.dir = Path(directory)
         self.manifest = Manifest.load(self.dir)
@@ -201,7 +202,9 @@ class ActivationCache:
             raise CacheError(f"{self.dir}: cache is incomplete; rerun the harvest command to finish it")
         if not self.manifest.shards:
             raise CacheError(f"{self.dir}: cache holds no tokens")
-        self.outlier_factor = outlier_factor
+        if not isinstance(outliers, OutlierPolicy):
+            raise TypeError(f"outliers must be an OutlierPolicy, got {outliers!r}")
+        self.outlier_policy = outliers
         self._acts: list[np.ndarray] = []
         for s in self.manifest.shards:
             f = self.dir / s.acts
@@ -213,9 +216,7 @@ class ActivationCache:
             if a.shape != (s.n_tokens, self.manifest.d_model):
                 raise CacheError(f"{f}: shape {a.shape}, manifest says ({s.n_tokens}, {self.manifest.d_model})")
             self._acts.append(a)
-        self.threshold = (
-            float("inf") if outlier_factor is None else outlier_factor * self.manifest.norm_median
-        )
+        self.threshold = outliers.threshold(self.manifest.norm_median)
         self._keep: list[np.ndarray] | None = None
 
     @property
@@ -231,7 +232,8 @@ class ActivationCache:
     def outliers(self) -> OutlierStats:
         kept = sum(int(m.sum()) for m in self.keep_masks())
         total = self.manifest.n_tokens
-        return OutlierStats(threshold=self.threshold, factor=self.outlier_factor, excluded=total - kept, total=total)
+        return OutlierStats(threshold=self.threshold, factor=self.outlier_policy.factor, excluded=total - kept,
+                            total=total)
 
     def __len__(self) -> int:
         return sum(int(m.sum()) for m in self.keep_masks())

@@ -1,4 +1,8 @@
-"""Training configuration: one dataclass, every field documented, JSON round-trippable."""
+"""Training configuration: one dataclass, every field documented, JSON round-trippable.
+
+`progsae train` builds its flags from this class (cli/progsae/cli/train.py), so the module
+stays light: torch-backed helpers are imported where they are used.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from progsae.sae.codec import check_ladder, default_ladder
+from .outliers import DEFAULT, OutlierPolicy
 
 Arch = Literal["topk", "matryoshka"]
 ARCHS: tuple[Arch, ...] = ("topk", "matryoshka")
@@ -74,8 +78,9 @@ class TrainConfig:
     b_dec_init: Literal["median", "mean"] = "median"
     """b_dec initialisation: geometric median (Weiszfeld) or mean of the sample."""
 
-    outlier_factor: float | None = 10.0
-    """Cache read policy: drop tokens with norm > factor x median norm (None: keep all)."""
+    outlier_factor: OutlierPolicy = DEFAULT
+    """Cache read policy: drop tokens with norm > this factor x the median token norm (0, none or
+    off: keep every token). Recorded as a float or null."""
 
     seed: int = 0
     """Seeds the initial weights, the init sample and the data order."""
@@ -87,12 +92,16 @@ class TrainConfig:
     """Steps between jsonl log lines."""
 
     def __post_init__(self) -> None:
+        from progsae.sae.codec import default_ladder
+
         self.granularities = tuple(int(g) for g in self.granularities) or default_ladder(self.d_sae)
         self.group_weights = tuple(float(w) for w in self.group_weights)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message on inconsistent settings."""
+        from progsae.sae.codec import check_ladder
+
         if self.arch not in ARCHS:
             raise ValueError(f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHS)}")
         if self.d_sae < 1:
@@ -123,8 +132,8 @@ class TrainConfig:
             raise ValueError("log_every must be positive")
         if self.lr < 0 or not 0 <= self.lr_decay_frac <= 1:
             raise ValueError("lr must be >= 0 and lr_decay_frac in [0, 1]")
-        if self.outlier_factor is not None and self.outlier_factor <= 0:
-            raise ValueError("--outlier-factor must be positive")
+        if not isinstance(self.outlier_factor, OutlierPolicy):
+            raise TypeError(f"outlier_factor must be an OutlierPolicy, got {self.outlier_factor!r}")
 
     # --- derived settings ---------------------------------------------------------------
 
@@ -168,9 +177,13 @@ class TrainConfig:
         d["granularities"], d["group_weights"], d["betas"] = (
             list(self.granularities), list(self.group_weights), list(self.betas),
         )
+        d["outlier_factor"] = self.outlier_factor.factor
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        if "outlier_factor" in kw:
+            kw["outlier_factor"] = OutlierPolicy.from_record(kw["outlier_factor"])
+        return cls(**kw)

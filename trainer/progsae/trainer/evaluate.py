@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from progsae.sae import checkpoint
 from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE, Codes
 from progsae.sae.metrics import FVUAccumulator, RSAReference, density_histogram, fit_power_law
-from progsae.trainer.activations import DEFAULT_OUTLIER_FACTOR, ActivationCache
+from progsae.trainer import outliers
+from progsae.trainer.activations import ActivationCache
 from progsae.trainer.eval_types import (
     ORDERING_NAMES,
     EvalResult,
@@ -35,25 +36,42 @@ from progsae.trainer.eval_types import (
     RungMetrics,
     merge,
 )
+from progsae.trainer.outliers import OutlierPolicy
 
 
 @dataclass
 class EvalConfig:
     """How to evaluate (recorded in metrics.json under eval.settings)."""
 
-    ordering: str = "all"
-    """"none", "mean_sq", "freq" or "all" (those stored; Matryoshka: trained order only)."""
+    ordering: Literal["none", "mean_sq", "freq", "all"] = "all"
+    """Progressive order to evaluate (TopK): "all" = none + mean_sq + freq, those stored.
+    Matryoshka checkpoints are evaluated in their trained order."""
     batch_size: int = 4096
-    outlier_factor: float | None = None
-    """Norm multiple of the median above which rows are excluded; None: the checkpoint's."""
+    """Tokens per encode batch."""
+    outlier_factor: OutlierPolicy | None = None
+    """Exclude rows with norm > this factor x the median token norm (0, none or off: keep every
+    row). Default: the policy the checkpoint was trained with."""
     rsa_tokens: int = 2000
+    """Held-out tokens in the RSA sample (SPEC §5 asks for >= 1000)."""
     ce: bool = False
+    """Also splice x_hat_G into the language model: CE loss recovered and KL."""
     ce_contexts: int = 32
+    """Held-out contexts for the CE / KL evaluation."""
     ce_batch: int = 4
+    """Contexts per language-model forward pass."""
     max_tokens: int | None = None
     """Evaluate only the first this many held-out rows (quick runs)."""
     seed: int = 0
+    """Seed of the RSA sample."""
     progress: bool = True
+    """Show progress bars (stderr)."""
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message on bad settings."""
+        if self.rsa_tokens < 3 or self.ce_contexts < 1 or self.batch_size < 1 or self.ce_batch < 1:
+            raise ValueError("--rsa-tokens must be >= 3; --ce-contexts, --ce-batch, --batch-size >= 1")
+        if self.outlier_factor is not None and not isinstance(self.outlier_factor, OutlierPolicy):
+            raise TypeError(f"outlier_factor must be an OutlierPolicy or None, got {self.outlier_factor!r}")
 
 
 @dataclass
@@ -90,21 +108,6 @@ def resolve_orderings(ck: checkpoint.Checkpoint, ordering: str) -> list[str]:
     return names
 
 
-def outlier_factor_of(meta: checkpoint.CheckpointMeta) -> float | None:
-    """The outlier factor the checkpoint was trained with, if it recorded one."""
-    ex = meta.extra or {}
-    for d in (ex, *(v for v in ex.values() if isinstance(v, dict))):
-        if "outlier_factor" in d and (d["outlier_factor"] is None or isinstance(d["outlier_factor"], (int, float))):
-            return None if d["outlier_factor"] is None else float(d["outlier_factor"])
-    return DEFAULT_OUTLIER_FACTOR
-
-
-def resolve_outlier_factor(meta: checkpoint.CheckpointMeta, asked: float | None) -> float | None:
-    """The factor to apply: `asked` (a flag; <= 0 keeps every row) or, if None, the checkpoint's own."""
-    factor = outlier_factor_of(meta) if asked is None else asked
-    return None if factor is None or factor <= 0 else factor
-
-
 def check_compatible(ck: checkpoint.Checkpoint, cache: ActivationCache) -> None:
     m, man = ck.meta, cache.manifest
     if man.d_model != m.d_in:
@@ -122,13 +125,15 @@ def evaluate(ckpt_path: str | Path, acts_dir: str | Path, cfg: EvalConfig | None
     """Evaluate a checkpoint on a held-out cache; `model` (an nn.Module) overrides loading the LM
     named by the checkpoint for the CE path."""
     cfg = cfg or EvalConfig()
+    cfg.validate()
     t0 = time.perf_counter()
     ck = checkpoint.load(ckpt_path)
     names = resolve_orderings(ck, cfg.ordering)
-    factor = resolve_outlier_factor(ck.meta, cfg.outlier_factor)
-    cache_all = ActivationCache(acts_dir, outlier_factor=None)
+    rule = outliers.resolve(cfg.outlier_factor, ck.meta)
+    factor = rule.factor
+    cache_all = ActivationCache(acts_dir, outliers=outliers.KEEP_ALL)
     check_compatible(ck, cache_all)
-    policy = ActivationCache(acts_dir, outlier_factor=factor)
+    policy = ActivationCache(acts_dir, outliers=rule)
     total = cache_all.manifest.n_tokens
     keep = np.zeros(total, dtype=bool)
     keep[policy.rows()] = True

@@ -64,9 +64,10 @@ class FeatureConfig:
     """Contexts encoded per step of pass 1."""
     batch_rows: int = 4096
     """Rows encoded per step of pass 2."""
-    max_tokens: int = 0
+    max_tokens: int = field(default=0, metadata={"flags": "--tokens"})
     """Use only the cache's first contexts holding about this many tokens (0 = all)."""
     progress: bool = True
+    """Show progress bars (stderr)."""
 
 
 @dataclass
@@ -245,9 +246,31 @@ def compute(sae: SAE, cache: ActivationCache, cfg: FeatureConfig, decode: Decode
     info = {"format": FORMAT, "top_n": cfg.top_n, "window": cfg.window, "promoted": cfg.promoted,
             "tokens": tokens, "contexts": n_ctx, "d_sae": sae.d_sae, "order": "none",
             "activations": str(cache.dir), "model": cache.manifest.model, "layer": cache.manifest.layer,
-            "outlier_factor": cache.outlier_factor,
+            "outlier_factor": cache.outlier_policy.factor,
             "logit_lens": lens is not None, "vocab": dict(zip(map(str, vocab_ids), strings))}
     return FeatureCards(tensors, info)
+
+
+class LogitLens:
+    """A `Lens` and a `Decode` from a loaded language model: decoder direction -> final norm ->
+    unembedding -> top-p logits, and token ids -> strings with its tokenizer."""
+
+    def __init__(self, lm: Any, p: int):
+        model = lm.model
+        base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+        self.norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None) or getattr(base, "ln_f", None)
+        if self.norm is None:
+            raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+        self.unembed = model.get_output_embeddings()
+        self.tokenizer, self.p = lm.tokenizer, p
+
+    def __call__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode():
+            logits = self.unembed(self.norm(rows.unsqueeze(0)))[0]
+            return logits.topk(self.p, dim=-1)
+
+    def decode(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
 
 
 @torch.inference_mode()

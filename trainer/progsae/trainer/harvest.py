@@ -1,4 +1,4 @@
-"""`progsae harvest`: real-LM residual activations -> sharded on-disk cache (trainer/activations.py).
+"""Real-LM residual activations -> sharded on-disk cache (trainer/activations.py); `progsae harvest`.
 
 Contexts. Each corpus's documents (its split, in the seeded hash order of corpora.py) are
 tokenized without special tokens, joined with the model's separator token and cut into
@@ -19,7 +19,6 @@ For the same reason a finished cache grows in place when rerun with a larger `--
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -330,34 +329,3 @@ def _clean_temp(out: Path) -> None:
     if out.is_dir():
         for f in out.glob(".*.tmp"):
             f.unlink(missing_ok=True)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("harvest", help="cache a real LM's residual activations at a layer on disk")
-    d = HarvestConfig(out="")
-    p.add_argument("--model", default=d.model, help="alias (smollm2-135m, gemma3-270m), HF name or folder")
-    p.add_argument("--layer", type=int, default=d.layer, help="hidden_states index (0 = embeddings)")
-    p.add_argument("--corpus", default=d.corpus, help="comma-separated: wikipedia,chitchat,sotu,mobydick")
-    p.add_argument("--split", default=d.split, help="train or heldout (by document)")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="rows wanted (rounded up to whole contexts)")
-    p.add_argument("--out", required=True, help="cache dir (resumed, or grown to a larger --tokens, if it exists)")
-    p.add_argument("--context", type=int, default=d.context, help="tokens per context incl. the start token")
-    p.add_argument("--batch", type=int, default=d.batch, help="contexts per forward pass")
-    p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help="rows per shard")
-    p.add_argument("--seed", type=int, default=d.seed, help="document order (not the split)")
-    p.add_argument("--start-token", default=None, help="override the start-of-context token")
-    p.add_argument("--device", default=d.device, help="torch device for the forward pass")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: recorded, else cores)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    fields = set(HarvestConfig.__dataclass_fields__)
-    kw = {k: v for k, v in vars(args).items() if k in fields}
-    cfg = HarvestConfig(**kw, progress=not args.no_progress)
-    m = harvest(cfg)
-    print(f"{cfg.out}  {m.n_tokens} tokens  model={m.model} layer={m.layer} d_model={m.d_model} bos={m.bos!r}")
-    return 0
-

@@ -171,7 +171,7 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
     `metrics_port` serves Prometheus gauges of the progress."""
     cfg.validate()
     out = Path(out)
-    cache = ActivationCache(activations, outlier_factor=cfg.outlier_factor)
+    cache = ActivationCache(activations, outliers=cfg.outlier_factor)
     d_in, man = cache.d_model, cache.manifest
     cache_id = ts.cache_identity(man)
     mode = check_out(cfg, out, cache_id)
@@ -273,7 +273,7 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
         "train_config": cfg.to_dict(),
         "cache": meta.cache,
         "activations": str(cache.dir),
-        "outlier_policy": {"factor": cfg.outlier_factor, "threshold": outliers["threshold"],
+        "outlier_policy": {"factor": cfg.outlier_factor.factor, "threshold": outliers["threshold"],
                            "excluded": outliers["excluded"], "total": outliers["total"]},
         "steps": total_steps,
         "lr": cfg.base_lr(),

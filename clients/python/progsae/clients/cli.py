@@ -1,78 +1,128 @@
 """`progsae client models|encode|decode|stream`: talk to a running server from the shell.
 
+Its flags come from dataclasses (progsae.clients.flags): the connection's from `ClientConfig`
+(`--token` defaults to $PROGSAE_TOKEN), each call's from the `*Call` classes below.
 Activations come from a .npy file ([N, d_in] float) or `--random N` rows; codes are written
 and read as .npz (offsets, indices, values).
+
+This is the one command of the light distribution (progsae-client), and `progsae client` of
+the full one (progsae.cli.client).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .flags import Bound, Parser, add_dataclass
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .client import Client, ClientConfig
+
+HELP = "call a running progsae server (models, encode, decode, stream)"
+TOKEN_ENV = "PROGSAE_TOKEN"
+
+
+@dataclass
+class Inputs:
+    """Which model, and the activations to send."""
+
+    model: str = ""
+    """Model id (default: the server's default)."""
+    npy: str | None = field(default=None, metadata={"one_of": "activations"})
+    """Activations [N, d_in] as .npy."""
+    random: int | None = field(default=None, metadata={"one_of": "activations", "metavar": "N"})
+    """N random Gaussian rows (smoke test)."""
+
+
+@dataclass
+class EncodeCall:
+    """activations -> codes."""
+
+    prefix: int | None = field(default=None, metadata={"metavar": "G"})
+    """Prefix encode at G (cheap mode)."""
+    out: str | None = None
+    """Write the codes to this .npz."""
+
+
+@dataclass
+class DecodeCall:
+    """codes -> reconstruction at G."""
+
+    codes: str = field(metadata={"positional": True})
+    """.npz written by `progsae client encode --out`."""
+    granularity: int = field(metadata={"flags": ("-g", "--granularity")})
+    """Granularity G of the reconstruction."""
+    model: str = ""
+    """Model id (default: the one recorded in the .npz, else the server's default)."""
+    out: str | None = None
+    """Write the reconstruction to this .npy."""
+
+
+@dataclass
+class StreamCall:
+    """A progressive decode under a budget."""
+
+    max_g: int | None = None
+    """Highest granularity."""
+    deadline_ms: int | None = None
+    """Server-side compute budget, ms."""
+    target_fvu: float | None = None
+    """Stop once FVU <= this."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """`progsae client ...` of the light distribution (progsae-client), which has no other command."""
-    parser = argparse.ArgumentParser(prog="progsae", description="Call a running progsae server.")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    parser = Parser(prog="progsae", description="Call a running progsae server.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    configure(sub.add_parser("client", help=HELP, description=HELP))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return int(args.run(args) or 0)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("client", help="call a running progsae server (models, encode, decode, stream)")
-    p.add_argument("--target", default="localhost:9000", help="gRPC address (default localhost:9000)")
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
-    p.add_argument("--token", default=None,
-                   help="bearer token for servers with auth on (default: $PROGSAE_TOKEN, else none)")
-    p.add_argument("--tls-ca", default="", metavar="PEM", help="speak TLS, trusting this CA / certificate file")
-    csub = p.add_subparsers(dest="client_command", metavar="CALL", required=True)
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the connection flags and one sub-command per call to `parser`."""
+    from .client import ClientConfig
 
-    m = csub.add_parser("models", help="list served models")
-    m.set_defaults(func=run_models)
+    parser.description = f"{HELP}; --token defaults to ${TOKEN_ENV}"
+    conn = add_dataclass(parser, ClientConfig, meta={"tls_ca_file": {"flags": "--tls-ca", "metavar": "PEM"}})
+    parser.set_defaults(token=None)  # absent: $PROGSAE_TOKEN, so that `--token ''` can still turn it off
+    calls = parser.add_subparsers(dest="client_command", metavar="CALL", required=True)
 
-    def inputs(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--model", default="", help="model id (default: the server's default)")
-        src = q.add_mutually_exclusive_group(required=True)
-        src.add_argument("--npy", help="activations [N, d_in] as .npy")
-        src.add_argument("--random", type=int, metavar="N", help="N random Gaussian rows (smoke test)")
+    def call(name: str, text: str, fn: Any, *classes: type) -> None:
+        p = calls.add_parser(name, help=text, description=text)
+        bound = [add_dataclass(p, c) for c in classes]
+        p.set_defaults(run=lambda args: fn(_connection(conn, args), *(b.build(args) for b in bound)))
 
-    e = csub.add_parser("encode", help="activations -> codes")
-    inputs(e)
-    e.add_argument("--prefix", type=int, default=None, metavar="G", help="prefix encode at G (cheap mode)")
-    e.add_argument("--out", help="write codes to this .npz")
-    e.set_defaults(func=run_encode)
-
-    d = csub.add_parser("decode", help="codes (.npz from encode) -> reconstruction at G")
-    d.add_argument("--model", default="")
-    d.add_argument("codes", help=".npz written by `progsae client encode --out`")
-    d.add_argument("-g", "--granularity", type=int, required=True)
-    d.add_argument("--out", help="write the reconstruction to this .npy")
-    d.set_defaults(func=run_decode)
-
-    s = csub.add_parser("stream", help="progressive decode under a budget; prints a live table")
-    inputs(s)
-    s.add_argument("--max-g", type=int, default=None, help="highest granularity")
-    s.add_argument("--deadline-ms", type=int, default=None, help="server-side compute budget")
-    s.add_argument("--target-fvu", type=float, default=None, help="stop once FVU <= this")
-    s.set_defaults(func=run_stream)
+    call("models", "list served models", run_models)
+    call("encode", "activations -> codes", run_encode, Inputs, EncodeCall)
+    call("decode", "codes (.npz from encode) -> reconstruction at G", run_decode, DecodeCall)
+    call("stream", "progressive decode under a budget; prints a live table", run_stream, Inputs, StreamCall)
 
 
-def _client(args):
-    import os
-
-    from progsae.clients.client import Client
-
-    token = args.token if args.token is not None else os.environ.get("PROGSAE_TOKEN", "")
-    return Client(args.target, timeout=args.timeout, token=token, tls_ca_file=args.tls_ca)
+def _connection(conn: Bound[ClientConfig], args: argparse.Namespace) -> ClientConfig:
+    return conn.build(args, token=args.token if args.token is not None else os.environ.get(TOKEN_ENV, ""))
 
 
-def _activations(args, d_in: int):
+def _client(cfg: ClientConfig) -> Client:
+    from .client import Client
+
+    return Client(**dataclasses.asdict(cfg))
+
+
+def _activations(inputs: Inputs, d_in: int) -> np.ndarray:
     import numpy as np
 
-    if args.npy:
-        return np.load(args.npy).astype(np.float32)
-    return np.random.default_rng(0).standard_normal((args.random, d_in)).astype(np.float32)
+    if inputs.npy:
+        return np.load(inputs.npy).astype(np.float32)
+    return np.random.default_rng(0).standard_normal((inputs.random or 0, d_in)).astype(np.float32)
 
 
 def _call(fn):
@@ -85,8 +135,8 @@ def _call(fn):
         raise SystemExit(1) from None
 
 
-def run_models(args) -> int:
-    with _client(args) as c:
+def run_models(cfg: ClientConfig) -> int:
+    with _client(cfg) as c:
         for m in _call(c.models):
             lm = f"{m.language_model}" + (f" layer {m.layer}" if m.layer is not None else "") \
                 if m.language_model else "-"
@@ -95,48 +145,48 @@ def run_models(args) -> int:
     return 0
 
 
-def run_encode(args) -> int:
+def run_encode(cfg: ClientConfig, inputs: Inputs, call: EncodeCall) -> int:
     import numpy as np
 
-    with _client(args) as c:
-        info = _call(lambda: c.model(args.model))
-        x = _activations(args, info.d_in)
+    with _client(cfg) as c:
+        info = _call(lambda: c.model(inputs.model))
+        x = _activations(inputs, info.d_in)
         t0 = time.perf_counter()
-        enc = _call(lambda: c.encode(x, model=args.model, prefix_g=args.prefix))
+        enc = _call(lambda: c.encode(x, model=inputs.model, prefix_g=call.prefix))
         ms = 1e3 * (time.perf_counter() - t0)
     l0 = np.diff(enc.codes.offsets)
     print(f"{enc.model_id}: {enc.codes.tokens} tokens, mean L0 {l0.mean():.2f}, "
           f"{'prefix G=' + str(enc.granularity) if enc.prefix else 'full'} encode, {ms:.1f} ms")
-    if args.out:
-        np.savez(args.out, offsets=enc.codes.offsets, indices=enc.codes.indices, values=enc.codes.values,
+    if call.out:
+        np.savez(call.out, offsets=enc.codes.offsets, indices=enc.codes.indices, values=enc.codes.values,
                  model_id=enc.model_id)
-        print(f"codes written to {args.out}")
+        print(f"codes written to {call.out}")
     return 0
 
 
-def run_decode(args) -> int:
+def run_decode(cfg: ClientConfig, call: DecodeCall) -> int:
     import numpy as np
 
     from progsae.v1.convert import SparseArrays
 
-    z = np.load(args.codes)
+    z = np.load(call.codes)
     codes = SparseArrays(z["offsets"], z["indices"], z["values"])
-    model = args.model or str(z["model_id"]) if "model_id" in z else args.model
-    with _client(args) as c:
-        dec = _call(lambda: c.decode_at(codes, args.granularity, model=model))
+    model = call.model or str(z["model_id"]) if "model_id" in z else call.model
+    with _client(cfg) as c:
+        dec = _call(lambda: c.decode_at(codes, call.granularity, model=model))
     print(f"{dec.model_id}: reconstruction {dec.reconstruction.shape} at G={dec.granularity}, "
           f"mean L0 {dec.l0.mean():.2f}")
-    if args.out:
-        np.save(args.out, dec.reconstruction)
+    if call.out:
+        np.save(call.out, dec.reconstruction)
     return 0
 
 
-def run_stream(args) -> int:
-    with _client(args) as c:
-        info = _call(lambda: c.model(args.model))
-        x = _activations(args, info.d_in)
-        s = c.stream(x, model=args.model, max_g=args.max_g, deadline_ms=args.deadline_ms,
-                     target_fvu=args.target_fvu, payload="none")
+def run_stream(cfg: ClientConfig, inputs: Inputs, call: StreamCall) -> int:
+    with _client(cfg) as c:
+        info = _call(lambda: c.model(inputs.model))
+        x = _activations(inputs, info.d_in)
+        s = c.stream(x, model=inputs.model, max_g=call.max_g, deadline_ms=call.deadline_ms,
+                     target_fvu=call.target_fvu, payload="none")
         print(f"{'G':>8} {'L0':>7} {'FVU':>8} {'server ms':>10} {'client ms':>10}", flush=True)
 
         def show():
