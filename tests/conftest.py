@@ -52,7 +52,10 @@ def fuzz_cases() -> collections.defaultdict[str, collections.Counter[str]]:
     return FUZZ_CASES
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    seed = config.getoption("randomly_seed", None)
+    if config.pluginmanager.hasplugin("randomly") and isinstance(seed, int):  # in -q runs too, for a rerun
+        terminalreporter.write_line(f"tests ran in random order; --randomly-seed={seed} repeats it")
     if FUZZ_CASES:
         terminalreporter.section("fuzz cases")
         for suite, counts in sorted(FUZZ_CASES.items()):
