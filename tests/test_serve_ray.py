@@ -1,6 +1,8 @@
-"""Integration: the real Ray Serve app on real ports (gRPC proxy, HTTP proxy, Prometheus endpoint).
+"""Integration: the real Ray Serve app on real ports (gRPC proxy, HTTP proxy, Prometheus endpoint,
+and the codec replica's own gRPC port).
 
-One module-scoped app (num_cpus=2, no dashboard) serves every test here.
+One module-scoped app (num_cpus=2, no dashboard) serves every test here. Tests of the gRPC contract
+run through both ways into the same servicer: Serve's proxy and the replica's direct port.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ def app(tmp_path_factory):
     testing.make_checkpoint(root / "topk", d=32, m=256, k=8)
     testing.make_checkpoint(root / "mat", d=32, m=256, k=8, architecture="matryoshka", orderings=False)
     testing.make_checkpoint(root / "big", d=16, m=4096, k=8, ladder=(64, 4096), orderings=False, seed=3)
+    testing.make_checkpoint(root / "wide", d=128, m=32768, k=16, orderings=False, seed=4)  # a slow encode
     # a checkpoint on the real packaged LM's residual stream (random dictionary): EncodeText end to end
     testing.make_checkpoint(root / "lm", d=576, m=1024, k=16, orderings=False, model="smollm2-135m", layer=3)
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     cluster = launch.LocalCluster(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0,
                    "downscale_delay_s": 2, "look_back_period_s": 1}
-    cfg = AppConfig(checkpoint_root=str(root), limits=LIMITS, autoscaling=autoscaling, graceful_shutdown_timeout_s=2)
+    cfg = AppConfig(checkpoint_root=str(root), limits=LIMITS, autoscaling=autoscaling, graceful_shutdown_timeout_s=2,
+                    direct_grpc_port=free_port())
     addrs = launch.start(cfg, cluster)
     yield {"root": root, **addrs}
     launch.stop()
@@ -53,32 +57,39 @@ def client(app):
         yield c
 
 
+@pytest.fixture(scope="module", params=["proxy", "replica port"])
+def via(request, app):
+    """A client of Serve's gRPC proxy, or of the codec replica's own port: the same servicer behind both."""
+    with Client(app["grpc" if request.param == "proxy" else "direct"], timeout=30) as c:
+        yield c
+
+
 @pytest.fixture(scope="module")
 def x():
     return testing.sample_activations(64, d=32, m=256).numpy()
 
 
-def test_every_rpc(app, client, x):
-    models = {m.model_id: m for m in client.models()}
+def test_every_rpc(app, via, x):
+    models = {m.model_id: m for m in via.models()}
     assert {"topk@mean_sq", "topk@freq", "topk@none", "mat@none", "big@none"} <= set(models)
     assert models["mat@none"].architecture == "matryoshka" and models["mat@none"].ladder == (16, 32, 64, 128, 256)
-    assert client.model("topk@freq").ordering == "freq"
-    enc = client.encode(x, model="topk")
+    assert via.model("topk@freq").ordering == "freq"
+    enc = via.encode(x, model="topk")
     ck = checkpoint.load(app["root"] / "topk", ordering="mean_sq")
     import torch
 
     want = ck.sae.decode(ck.sae.encode(torch.from_numpy(x)), 64).numpy()
-    np.testing.assert_allclose(client.decode_at(enc, 64).reconstruction, want, rtol=1e-4, atol=1e-4)
-    prefix = client.encode(x, model="topk", prefix_g=32)
+    np.testing.assert_allclose(via.decode_at(enc, 64).reconstruction, want, rtol=1e-4, atol=1e-4)
+    prefix = via.encode(x, model="topk", prefix_g=32)
     assert prefix.prefix and prefix.codes.indices.max() < 32
-    s = client.stream(x, model="topk")
+    s = via.stream(x, model="topk")
     rungs = list(s)
     assert [r.g for r in rungs] == [16, 32, 64, 128, 256] and s.result.stop_reason == "ladder_done"
     np.testing.assert_allclose(rungs[2].tensor, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ProgsaeError) as e:
-        client.encode_text("The cat sat.", model="topk")
+        via.encode_text("The cat sat.", model="topk")
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert client.stats().requests["Encode:OK"] >= 2
+    assert via.stats().requests["Encode:OK"] >= 2
 
 
 @pytest.mark.parametrize("kw, reason", [
@@ -87,10 +98,10 @@ def test_every_rpc(app, client, x):
     ({"target_fvu": 0.6}, "target_fvu"),
     ({"deadline_ms": 1, "ladder": range(1, 4097), "model": "big", "payload": "none"}, "deadline"),
 ])
-def test_stop_reasons(client, x, kw, reason):
+def test_stop_reasons(via, x, kw, reason):
     kw = dict(kw)
     inputs = testing.sample_activations(256, d=16, m=4096, seed=3).numpy() if kw.get("model") == "big" else x
-    s = client.stream(inputs, **{"model": "mat", **kw})
+    s = via.stream(inputs, **{"model": "mat", **kw})
     rungs = list(s)
     assert s.result.stop_reason == reason
     assert s.result.rungs == len(rungs)
@@ -113,18 +124,27 @@ def test_multiplexing_two_checkpoints(client, x):
     assert {"topk@mean_sq", "mat@none"} <= loaded
 
 
-def test_model_id_field_and_metadata_must_agree(client, x):
-    stub = pb_grpc.ProgsaeStub(client.channel)
+def test_model_id_field_and_metadata_must_agree(via, x):
+    stub = pb_grpc.ProgsaeStub(via.channel)
     from progsae.v1 import convert
 
     req = pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(x))
     with pytest.raises(grpc.RpcError) as e:
         stub.Encode(req, metadata=[("multiplexed_model_id", "mat")], timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # two spellings of one model agree (the bare id resolves to its default ordering)
+    out = stub.Encode(req, metadata=[("multiplexed_model_id", "topk@mean_sq")], timeout=10)
+    assert out.model_id == "topk@mean_sq"
 
 
-def test_error_matrix(client, x):
-    stub = pb_grpc.ProgsaeStub(client.channel)
+def test_cheap_calls_flow_while_a_large_encode_computes(via):
+    big = np.random.default_rng(0).standard_normal((LIMITS.max_request_bytes // 512, 128)).astype(np.float32)
+    answered, total = testing.calls_during_large_encode(via.config.target, "wide", big)
+    assert answered >= 1, (answered, total)  # GetModel and a 4-token Encode returned before the large call
+
+
+def test_error_matrix(via, x):
+    stub = pb_grpc.ProgsaeStub(via.channel)
     for name, rpc, req, code in testing.error_cases(x, 256, "topk", LIMITS.max_request_bytes):
         with pytest.raises(grpc.RpcError) as e:
             out = getattr(stub, rpc)(req, timeout=20)
@@ -133,7 +153,7 @@ def test_error_matrix(client, x):
         assert e.value.code().name == code, (name, e.value.details())
         details = e.value.details() or ""
         assert "\n" not in details and "Traceback" not in details, (name, details)
-        assert client.encode(x, model="topk").codes.tokens == 64, name  # same replica still serves
+        assert via.encode(x, model="topk").codes.tokens == 64, name  # same replica still serves
 
 
 # Client-side cancel is tested on the plain grpcio server (test_serve_service.py, test_faults.py).
@@ -142,19 +162,19 @@ def test_error_matrix(client, x):
 # guarantee is the server-enforced deadline below, which stops compute at once.
 
 
-def test_expired_deadline_stops_stream(client, x):
+def test_expired_deadline_stops_stream(via, x):
     xb = testing.sample_activations(4096, d=16, m=4096, seed=3).numpy()
-    before = client.stats()
+    before = via.stats()
     with pytest.raises(ProgsaeError) as e:
-        list(client.stream(xb, model="big", ladder=range(1, 4097), payload="none", timeout=0.5))
+        list(via.stream(xb, model="big", ladder=range(1, 4097), payload="none", timeout=0.5))
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.time() + 10
-    while client.stats().streams_cancelled == before.streams_cancelled and time.time() < deadline:
+    while via.stats().streams_cancelled == before.streams_cancelled and time.time() < deadline:
         time.sleep(0.1)
-    after = client.stats()
+    after = via.stats()
     assert after.streams_cancelled == before.streams_cancelled + 1
     assert after.rungs_computed - before.rungs_computed < 4096
-    assert client.encode(x, model="mat").codes.tokens == 64
+    assert via.encode(x, model="mat").codes.tokens == 64
 
 
 def test_health_and_reflection(app):

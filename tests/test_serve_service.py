@@ -32,6 +32,7 @@ def root(tmp_path_factory):
     testing.make_checkpoint(r / "topk", d=32, m=256, k=8)
     testing.make_checkpoint(r / "mat", d=32, m=256, k=8, architecture="matryoshka", orderings=False)
     testing.make_checkpoint(r / "big", d=16, m=4096, k=8, ladder=(64, 4096), orderings=False, seed=3)
+    testing.make_checkpoint(r / "wide", d=128, m=32768, k=16, orderings=False, seed=4)  # a slow encode
     (r / "outside").mkdir()
     return r
 
@@ -240,3 +241,18 @@ def test_client_retries_unavailable(root):
         assert c.models()
     started.wait(5)
     started.srv.stop()
+
+
+def test_cheap_calls_flow_while_a_large_encode_computes(server):
+    big = np.random.default_rng(0).standard_normal((LIMITS.max_request_bytes // 512, 128)).astype(np.float32)
+    answered, total = testing.calls_during_large_encode(server.address, "wide", big)
+    assert answered >= 1, (answered, total)  # GetModel and a 4-token Encode returned before the large call
+
+
+def test_model_id_field_and_metadata_agree_by_resolved_id(client, x):
+    stub = pb_grpc.ProgsaeStub(client.channel)
+    req = pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(x))
+    assert stub.Encode(req, metadata=[("multiplexed_model_id", "topk@mean_sq")], timeout=10).model_id == "topk@mean_sq"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Encode(req, metadata=[("multiplexed_model_id", "topk@freq")], timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -106,11 +106,17 @@ class Codec:
         wrapper = getattr(self, "__serve_multiplex_wrapper", None)
         return list(wrapper.models) if wrapper is not None else []
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    # Several batches may be in flight (the compute pool bounds what runs at once): a small Encode
+    # then runs beside a large one instead of queueing behind it.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001, max_concurrent_batches=8)
     async def _encode_batch(self, items: list[tuple[ServedModel, pb.EncodeRequest]]) -> list:
         return await self.servicer.compute(self.service.encode_batch, items)
 
     async def _encode(self, model: ServedModel, request: pb.EncodeRequest) -> pb.EncodeResponse:
+        shape = request.activations.shape
+        if len(shape) == 2 and shape[0] > self.config.batch_max_tokens:
+            # Large calls run alone: batched with one, a small call would wait for it.
+            return await self.servicer.compute(self.service.encode, model, request)
         out = await self._encode_batch((model, request))
         if isinstance(out, ServiceError):
             raise out

@@ -22,6 +22,9 @@ class AppConfig:
     """Most Encode requests merged into one dynamic batch (serve.batch)."""
     batch_wait_timeout_s: float = 0.001
     """How long a batch waits to fill before running (seconds); small keeps single-call latency low."""
+    batch_max_tokens: int = 512
+    """Encode calls with more tokens than this skip dynamic batching and run alone: they gain nothing from
+    it, and a small call batched with one would wait for the whole large matmul."""
     limits: Limits = field(default_factory=Limits)
     """Per-request size limits."""
     codec_replicas: int = 1

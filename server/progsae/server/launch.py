@@ -31,7 +31,8 @@ class LocalCluster:
 
 
 def start(app: AppConfig, cluster: LocalCluster | None = None) -> dict[str, str]:
-    """ray.init + serve.start + serve.run; returns the addresses (grpc, http, metrics)."""
+    """ray.init + serve.start + serve.run; returns the addresses (grpc: Serve's proxy, direct: the codec
+    replicas' own port when `app.direct_grpc_port` is set, http, metrics)."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -59,6 +60,7 @@ def start(app: AppConfig, cluster: LocalCluster | None = None) -> dict[str, str]
     serve.run(build_app(app.to_dict()), name=APP_NAME, route_prefix="/")
     return {
         "grpc": f"{cluster.host}:{cluster.grpc_port}",
+        "direct": f"{app.direct_grpc_host}:{app.direct_grpc_port}" if app.direct_grpc_port else "",
         "http": f"http://{cluster.host}:{cluster.http_port}",
         "metrics": f"http://127.0.0.1:{cluster.metrics_port}/metrics" if cluster.metrics_port else "",
     }

@@ -137,3 +137,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def calls_during_large_encode(address: str, model: str, big, settle_s: float = 0.2) -> tuple[int, int]:
+    """Start an Encode of `big` ([N, d_in] float32) on one channel; after settle_s, send GetModel and a
+    4-token Encode, one after another, on another channel until it ends. -> (probe pairs answered while
+    the large call still ran, all probe pairs). A server that computes on its event loop answers none."""
+    import threading
+    import time
+
+    from progsae.clients import Client
+
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def large() -> None:
+        try:
+            with Client(address, timeout=300) as c:
+                c.encode(big, model=model)
+        except BaseException as e:  # noqa: BLE001  (reported to the caller)
+            errors.append(e)
+        finally:
+            done.set()
+
+    answered = total = 0
+    with Client(address, timeout=300) as c:
+        c.encode(big[:4], model=model)  # model loaded, channel warm
+        t = threading.Thread(target=large)
+        t.start()
+        time.sleep(settle_s)
+        while not done.is_set():
+            c.model(model)
+            c.encode(big[:4], model=model)
+            total += 1
+            answered += not done.is_set()
+        t.join()
+    if errors:
+        raise errors[0]
+    return answered, total
