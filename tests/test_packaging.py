@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,8 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _wheel(src: Path, out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(src)], check=True, capture_output=True, text=True)
+    """Build a wheel of `src` into `out`, leaving no build/ folder behind in the source tree."""
+    fresh = not (src / "build").exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(out), str(src)], check=True, capture_output=True, text=True)
+    finally:
+        if fresh:
+            shutil.rmtree(src / "build", ignore_errors=True)
     (whl,) = out.glob("*.whl")
     return whl
 

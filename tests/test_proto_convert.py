@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
@@ -79,3 +81,36 @@ def test_bad_code_values(indices, values, msg):
     with pytest.raises(convert.WireError) as e:
         convert.check_codes(s, 8)
     assert msg in str(e.value)
+
+
+@given(st.data())
+@settings(max_examples=60, deadline=None)
+def test_packed_and_repeated_codes_carry_the_same_arrays(data):
+    n = data.draw(st.integers(0, 6))
+    counts = data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
+    nnz = sum(counts)
+    idx = np.array(data.draw(st.lists(st.integers(0, 2**31 - 1), min_size=nnz, max_size=nnz)), dtype=np.int64)
+    val = np.array(data.draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=nnz, max_size=nnz)), dtype=np.float32)
+    s = convert.SparseArrays(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), idx, val)
+    packed, repeated = convert.codes_from_csr(s, packed=True), convert.codes_from_csr(s)
+    assert not (packed.offsets or packed.indices or packed.values) and not repeated.packed_offsets
+    assert packed.packed_indices == idx.astype("<i4").tobytes()  # raw little-endian, a copy of the array
+    for msg in (packed, repeated):
+        back = convert.codes_to_arrays(pb.SparseCodes.FromString(msg.SerializeToString()))
+        for a, b in zip(back, s):
+            np.testing.assert_array_equal(a, b)
+        assert convert.code_count(msg) == nnz
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda m: m.indices.append(1), "both"),
+    (lambda m: setattr(m, "packed_values", m.packed_values[:-1]), "whole number"),
+    (lambda m: setattr(m, "packed_indices", m.packed_indices[:-4]), "2 indices but 3 values"),
+    (lambda m: setattr(m, "packed_offsets", np.array([0, 2], "<i8").tobytes()), "ends at 2"),
+])
+def test_bad_packed_codes(mutate, msg):
+    m = convert.codes_from_csr(convert.SparseArrays(np.array([0, 3]), np.array([1, 5, 9]),
+                                                    np.ones(3, np.float32)), packed=True)
+    mutate(m)
+    with pytest.raises(convert.WireError, match=msg):
+        convert.codes_to_arrays(m)

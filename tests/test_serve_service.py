@@ -256,3 +256,17 @@ def test_model_id_field_and_metadata_agree_by_resolved_id(client, x):
     with pytest.raises(grpc.RpcError) as e:
         stub.Encode(req, metadata=[("multiplexed_model_id", "topk@freq")], timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_revision_1_clients_get_repeated_codes_and_both_forms_decode_alike(client, x):
+    stub = pb_grpc.ProgsaeStub(client.channel)
+    old = stub.Encode(pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(x)), timeout=10)
+    new = stub.Encode(pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(x), packed_codes=True),
+                      timeout=10)
+    assert len(old.codes.indices) > 0 and not old.codes.packed_indices
+    assert new.codes.packed_indices and not len(new.codes.indices)
+    a, b = convert.codes_to_arrays(old.codes), convert.codes_to_arrays(new.codes)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    outs = [convert.to_numpy(stub.DecodeAtGranularity(pb.DecodeRequest(model_id="topk", codes=c, granularity=64),
+                                                      timeout=10).reconstruction) for c in (old.codes, new.codes)]
+    np.testing.assert_array_equal(outs[0], outs[1])

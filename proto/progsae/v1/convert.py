@@ -119,7 +119,8 @@ def from_numpy(a: np.ndarray, dtype: str | int = "float32") -> pb.Tensor:
     return pb.Tensor(data=raw.tobytes(), shape=list(a.shape), dtype=code)
 
 
-def codes_from_arrays(indices: np.ndarray, values: np.ndarray, drop_zeros: bool = True) -> pb.SparseCodes:
+def codes_from_arrays(indices: np.ndarray, values: np.ndarray, drop_zeros: bool = True,
+                      packed: bool = False) -> pb.SparseCodes:
     """[N, k] (indices, values) -> SparseCodes, per token sorted by index, zeros dropped."""
     indices = np.asarray(indices, dtype=np.int64)
     values = np.asarray(values, dtype=np.float32)
@@ -137,10 +138,19 @@ def codes_from_arrays(indices: np.ndarray, values: np.ndarray, drop_zeros: bool 
         indices, values = indices.reshape(-1), values.reshape(-1)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    return codes_from_csr(SparseArrays(offsets, indices, values))
+    return codes_from_csr(SparseArrays(offsets, indices, values), packed)
 
 
-def codes_from_csr(s: SparseArrays) -> pb.SparseCodes:
+_PACKED = (("packed_offsets", "offsets", np.dtype("<i8")), ("packed_indices", "indices", np.dtype("<i4")),
+           ("packed_values", "values", np.dtype("<f4")))
+
+
+def codes_from_csr(s: SparseArrays, packed: bool = False) -> pb.SparseCodes:
+    """CSR arrays -> SparseCodes: repeated fields (revision 1), or packed bytes (revision 2, a copy each)."""
+    if packed:
+        if len(s.indices) and int(np.max(s.indices)) >= 2**31:
+            raise WireError("codes: a latent index does not fit the packed int32 form")
+        return pb.SparseCodes(**{f: np.ascontiguousarray(getattr(s, a), dtype=t).tobytes() for f, a, t in _PACKED})
     msg = pb.SparseCodes()
     msg.offsets.extend(np.asarray(s.offsets, dtype=np.int64).tolist())
     msg.indices.extend(np.asarray(s.indices, dtype=np.int64).tolist())
@@ -148,11 +158,27 @@ def codes_from_csr(s: SparseArrays) -> pb.SparseCodes:
     return msg
 
 
+def code_count(msg: pb.SparseCodes) -> int:
+    """Entries a SparseCodes message carries, in whichever form (for size limits before decoding)."""
+    return max(len(msg.indices), len(msg.packed_indices) // 4)
+
+
 def codes_to_arrays(msg: pb.SparseCodes, what: str = "codes") -> SparseArrays:
-    """SparseCodes -> CSR arrays, checking the layout (not the index range: see check_codes)."""
-    offsets = np.array(msg.offsets, dtype=np.int64)
-    indices = np.array(msg.indices, dtype=np.int64)
-    values = np.array(msg.values, dtype=np.float32)
+    """SparseCodes (either form) -> CSR arrays, checking the layout (not the index range: see check_codes)."""
+    if msg.packed_offsets or msg.packed_indices or msg.packed_values:
+        if len(msg.offsets) or len(msg.indices) or len(msg.values):
+            raise WireError(f"{what}: both the packed and the repeated fields are set; send one form")
+        arrays = []
+        for f, _, t in _PACKED:
+            raw = getattr(msg, f)
+            if len(raw) % t.itemsize:
+                raise WireError(f"{what}.{f}: {len(raw)} bytes is not a whole number of {t.itemsize}-byte entries")
+            arrays.append(np.frombuffer(raw, dtype=t).astype(t.newbyteorder("="), copy=False))
+        offsets, indices, values = arrays[0], arrays[1].astype(np.int64), arrays[2]
+    else:
+        offsets = np.array(msg.offsets, dtype=np.int64)
+        indices = np.array(msg.indices, dtype=np.int64)
+        values = np.array(msg.values, dtype=np.float32)
     if len(indices) != len(values):
         raise WireError(f"{what}: {len(indices)} indices but {len(values)} values")
     if len(offsets) < 1 or offsets[0] != 0:

@@ -60,14 +60,20 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class SparseCodes(_message.Message):
-    __slots__ = ("offsets", "indices", "values")
+    __slots__ = ("offsets", "indices", "values", "packed_offsets", "packed_indices", "packed_values")
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_INDICES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_VALUES_FIELD_NUMBER: _ClassVar[int]
     offsets: _containers.RepeatedScalarFieldContainer[int]
     indices: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, offsets: _Optional[_Iterable[int]] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+    packed_offsets: bytes
+    packed_indices: bytes
+    packed_values: bytes
+    def __init__(self, offsets: _Optional[_Iterable[int]] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., packed_offsets: _Optional[bytes] = ..., packed_indices: _Optional[bytes] = ..., packed_values: _Optional[bytes] = ...) -> None: ...
 
 class Normalisation(_message.Message):
     __slots__ = ("scale", "folded_into_weights")
@@ -78,16 +84,18 @@ class Normalisation(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., folded_into_weights: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model_id", "activations", "mode", "granularity")
+    __slots__ = ("model_id", "activations", "mode", "granularity", "packed_codes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CODES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     activations: Tensor
     mode: EncodeMode
     granularity: int
-    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., mode: _Optional[_Union[EncodeMode, str]] = ..., granularity: _Optional[int] = ...) -> None: ...
+    packed_codes: bool
+    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., mode: _Optional[_Union[EncodeMode, str]] = ..., granularity: _Optional[int] = ..., packed_codes: _Optional[bool] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("model_id", "codes", "normalisation", "mode", "granularity")
@@ -138,7 +146,7 @@ class Budget(_message.Message):
     def __init__(self, max_granularity: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., target_fvu: _Optional[float] = ...) -> None: ...
 
 class StreamDecodeRequest(_message.Message):
-    __slots__ = ("model_id", "activations", "codes", "budget", "payload", "ladder", "output_dtype", "per_token_l0")
+    __slots__ = ("model_id", "activations", "codes", "budget", "payload", "ladder", "output_dtype", "per_token_l0", "packed_codes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +155,7 @@ class StreamDecodeRequest(_message.Message):
     LADDER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PER_TOKEN_L0_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CODES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     activations: Tensor
     codes: SparseCodes
@@ -155,7 +164,8 @@ class StreamDecodeRequest(_message.Message):
     ladder: _containers.RepeatedScalarFieldContainer[int]
     output_dtype: DType
     per_token_l0: bool
-    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., ladder: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., per_token_l0: _Optional[bool] = ...) -> None: ...
+    packed_codes: bool
+    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., ladder: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., per_token_l0: _Optional[bool] = ..., packed_codes: _Optional[bool] = ...) -> None: ...
 
 class Rung(_message.Message):
     __slots__ = ("index", "g", "mean_l0", "l0", "tensor", "fvu", "elapsed_ms")
@@ -214,14 +224,16 @@ class StreamHeader(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ...) -> None: ...
 
 class EncodeTextRequest(_message.Message):
-    __slots__ = ("model_id", "text", "max_tokens")
+    __slots__ = ("model_id", "text", "max_tokens", "packed_codes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CODES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     text: str
     max_tokens: int
-    def __init__(self, model_id: _Optional[str] = ..., text: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    packed_codes: bool
+    def __init__(self, model_id: _Optional[str] = ..., text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., packed_codes: _Optional[bool] = ...) -> None: ...
 
 class EncodeTextResponse(_message.Message):
     __slots__ = ("model_id", "token_ids", "tokens", "codes", "activations", "language_model", "layer")

@@ -111,7 +111,8 @@ class CodecService:
                 n = xi.shape[0]
                 results[i] = pb.EncodeResponse(
                     model_id=model.id,
-                    codes=convert.codes_from_arrays(idx[start:start + n], val[start:start + n]),
+                    codes=convert.codes_from_arrays(idx[start:start + n], val[start:start + n],
+                                                    packed=req.packed_codes),
                     normalisation=_normalisation(model.card),
                     mode=mode,
                     granularity=g,
@@ -171,7 +172,8 @@ class CodecService:
             if plan.x is not None:
                 with torch.inference_mode():
                     codes = model.sae.encode(plan.x.to(model.device))
-                header.codes.CopyFrom(convert.codes_from_arrays(_np(codes.indices), _np(codes.values)))
+                header.codes.CopyFrom(convert.codes_from_arrays(_np(codes.indices), _np(codes.values),
+                                                                packed=plan.packed_codes))
             else:
                 codes = _to(plan.codes, model.device)
             assert codes is not None
@@ -248,7 +250,8 @@ class CodecService:
         )
 
     def encode_text_response(self, model: ServedModel, token_ids: Sequence[int], tokens: Sequence[str],
-                             acts: np.ndarray, lm_name: str, layer: int) -> pb.EncodeTextResponse:
+                             acts: np.ndarray, lm_name: str, layer: int,
+                             packed: bool = False) -> pb.EncodeTextResponse:
         x = torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != model.d_in:
             raise ServiceError(Status.FAILED_PRECONDITION,
@@ -258,7 +261,7 @@ class CodecService:
             codes = model.sae.encode(x.to(model.device))
         return pb.EncodeTextResponse(
             model_id=model.id, token_ids=list(token_ids), tokens=list(tokens),
-            codes=convert.codes_from_arrays(_np(codes.indices), _np(codes.values)),
+            codes=convert.codes_from_arrays(_np(codes.indices), _np(codes.values), packed=packed),
             activations=convert.from_numpy(x.numpy()), language_model=lm_name, layer=layer,
         )
 

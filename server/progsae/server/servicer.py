@@ -230,7 +230,7 @@ class ProgsaeServicer:
             n = min(request.max_tokens or limits.max_text_tokens, limits.max_text_tokens)
             ta = await self._text(model.meta.model, int(model.meta.layer), text, n)
             return await self.compute(self.service.encode_text_response, model, ta.token_ids, ta.tokens,
-                                      ta.activations, ta.language_model, ta.layer)
+                                      ta.activations, ta.language_model, ta.layer, request.packed_codes)
 
         return await self._unary("EncodeText", request.model_id, grpc_context, body, pb.EncodeTextResponse())
 

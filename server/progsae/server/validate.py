@@ -67,8 +67,8 @@ def activations(msg: pb.Tensor, model: ServedModel, limits: Limits, field: str =
 
 def codes(msg: pb.SparseCodes, model: ServedModel, limits: Limits, field: str = "codes") -> Codes:
     """Sparse codes -> padded [N, kmax] Codes (padding: index 0, value 0)."""
-    if 12 * len(msg.indices) > limits.max_request_bytes:
-        raise exhausted(f"{field}: {len(msg.indices)} entries exceed the request size limit")
+    if 12 * convert.code_count(msg) > limits.max_request_bytes:
+        raise exhausted(f"{field}: {convert.code_count(msg)} entries exceed the request size limit")
     try:
         s = convert.codes_to_arrays(msg, field)
         if s.tokens == 0:
@@ -123,6 +123,8 @@ class StreamPlan:
     payload: int
     out_dtype: int
     per_token_l0: bool
+    packed_codes: bool
+    """Send the header's codes in the packed form (revision 2)."""
 
 
 def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits) -> StreamPlan:
@@ -171,4 +173,4 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits)
     if req.payload != pb.PAYLOAD_NONE:
         n = x.shape[0] if x is not None else c.indices.shape[0]
         response_size(n, model, dtype, limits, "a rung's tensor")
-    return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0)
+    return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0, req.packed_codes)

@@ -68,7 +68,7 @@ class AsyncClient:
         return t.decoded(await self._call("DecodeAtGranularity", req, model, timeout))
 
     async def encode_text(self, text: str, model: str = "", max_tokens: int = 0) -> t.TextEncoded:
-        req = pb.EncodeTextRequest(model_id=model, text=text, max_tokens=max_tokens)
+        req = pb.EncodeTextRequest(model_id=model, text=text, max_tokens=max_tokens, packed_codes=True)
         return t.text_encoded(await self._call("EncodeText", req, model))
 
     async def stats(self) -> pb.ServerStats:

@@ -166,7 +166,7 @@ class Client:
         return Stream(self, req, model, timeout)
 
     def encode_text(self, text: str, model: str = "", max_tokens: int = 0) -> t.TextEncoded:
-        req = pb.EncodeTextRequest(model_id=model, text=text, max_tokens=max_tokens)
+        req = pb.EncodeTextRequest(model_id=model, text=text, max_tokens=max_tokens, packed_codes=True)
         return t.text_encoded(self._call("EncodeText", req, model))
 
     def stats(self) -> pb.ServerStats:

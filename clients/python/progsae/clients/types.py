@@ -120,13 +120,13 @@ def codes_msg(codes: SparseArrays | tuple[np.ndarray, np.ndarray] | Encoded) -> 
     if isinstance(codes, Encoded):
         codes = codes.codes
     if isinstance(codes, SparseArrays):
-        return convert.codes_from_csr(codes)
+        return convert.codes_from_csr(codes, packed=True)
     idx, val = codes
-    return convert.codes_from_arrays(idx, val, drop_zeros=False)
+    return convert.codes_from_arrays(idx, val, drop_zeros=False, packed=True)
 
 
 def encode_request(x: np.ndarray, model: str, prefix_g: int | None, dtype: str) -> pb.EncodeRequest:
-    req = pb.EncodeRequest(model_id=model, activations=convert.from_numpy(np.asarray(x), dtype))
+    req = pb.EncodeRequest(model_id=model, activations=convert.from_numpy(np.asarray(x), dtype), packed_codes=True)
     if prefix_g is not None:
         req.mode = pb.ENCODE_MODE_PREFIX
         req.granularity = prefix_g
@@ -146,7 +146,7 @@ def decoded(resp: pb.DecodeResponse) -> Decoded:
 def stream_request(inputs, model: str, max_g: int | None, deadline_ms: int | None, target_fvu: float | None,
                    payload: str, ladder, per_token_l0: bool, dtype: str) -> pb.StreamDecodeRequest:
     req = pb.StreamDecodeRequest(model_id=model, payload=PAYLOADS[payload], per_token_l0=per_token_l0,
-                                 ladder=list(ladder or ()))
+                                 ladder=list(ladder or ()), packed_codes=True)
     if isinstance(inputs, np.ndarray):
         req.activations.CopyFrom(convert.from_numpy(inputs, dtype))
     else:
