@@ -1,5 +1,6 @@
 """The same guarantees through the Ray Serve app (one module-scoped app, auth on via an env var):
-bearer token on gRPC and HTTP, size caps, and a sample of the fuzz cases through Serve's proxy."""
+bearer token on gRPC and HTTP, size caps, and a sample of the fuzz cases, through Serve's proxy and
+through the codec replica's own port."""
 
 from __future__ import annotations
 
@@ -51,9 +52,10 @@ def app(tmp_path_factory):
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def stub(app):
-    ch = grpc.insecure_channel(app["grpc"], options=[("grpc.max_send_message_length", 1 << 26)])
+@pytest.fixture(scope="module", params=["grpc", "direct"])
+def stub(app, request):
+    """Serve's proxy, or the codec replica's own port: one servicer, the same guarantees."""
+    ch = grpc.insecure_channel(app[request.param], options=[("grpc.max_send_message_length", 1 << 26)])
     yield pb_grpc.ProgsaeStub(ch)
     ch.close()
 

@@ -45,8 +45,14 @@ def test_rayservice_manifest():
     assert {9000, 8000, 8080} <= head_ports
     group = cluster["workerGroupSpecs"][0]
     assert group["maxReplicas"] > group["minReplicas"]
-    svc = next(d for d in docs if d["kind"] == "Service")
-    assert 9000 in {p["port"] for p in svc["spec"]["ports"]}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert 9000 in {p["port"] for p in services["progsae-grpc"]["spec"]["ports"]}
+    # the replicas' own port: on every pod, behind a headless Service (clients balance round robin)
+    direct = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["direct_grpc_port"]
+    worker_ports = {p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+    assert direct in head_ports and direct in worker_ports
+    svc = services["progsae-grpc-direct"]["spec"]
+    assert svc["clusterIP"] == "None" and direct in {p["port"] for p in svc["ports"]}
 
 
 def test_prometheus_config():

@@ -172,8 +172,10 @@ def run(cfg: DemoConfig, opts: DemoRun, cluster: LocalCluster) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # Ray may have replaced the SIGINT handler
         signal.signal(sig, lambda *_: stop.set())
     try:
-        stream_example(addrs["grpc"], ids[0])
-        print(f"\ngRPC      {addrs['grpc']}   (try: progsae client --target {addrs['grpc']} models)")
+        fast = addrs["direct"] or addrs["grpc"]
+        stream_example(fast, ids[0])
+        print(f"\ngRPC      {addrs['grpc']}   (Serve's proxy)")
+        print(f"gRPC      {fast}   (the codec replica's own port; try: progsae client --target {fast} models)")
         print(f"dashboard {addrs['http']}/   (type text, watch features refine as G climbs)")
         if opts.wait:
             print("serving; Ctrl-C stops", flush=True)

@@ -25,6 +25,7 @@ APP_FLAGS_EXCLUDED = (
     "limits",  # nested: set it in a Serve config
     "auth_token",  # a literal token on the command line is visible to every user: --auth-token-env
     "access_log",  # LocalCluster's --access-log (the proxies') is the one a local run wants
+    "direct_grpc_port", "direct_grpc_host",  # LocalCluster's --direct-grpc-port, bound on --host
 )
 
 
@@ -76,11 +77,13 @@ def run(app: AppConfig, cluster: LocalCluster) -> int:
         # stop cleanly, also when the shell started us in the background with SIGINT ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print(f"gRPC    {addrs['grpc']}   (progsae.v1.Progsae, grpc.health.v1.Health, reflection)")
+        print(f"gRPC    {addrs['grpc']}   (progsae.v1.Progsae, grpc.health.v1.Health, reflection; Serve's proxy)")
+        if addrs["direct"]:
+            print(f"gRPC    {addrs['direct']}   (the same service on the codec replicas' own port: the fast path)")
         print(f"HTTP    {addrs['http']}/api/models")
         if addrs["metrics"]:
             print(f"metrics {addrs['metrics']}")
-        print(f"try: progsae client --target {addrs['grpc']} models    (Ctrl-C stops)", flush=True)
+        print(f"try: progsae client --target {addrs['direct'] or addrs['grpc']} models    (Ctrl-C stops)", flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 
 from .config import AppConfig
 
@@ -28,6 +29,10 @@ class LocalCluster:
     """End-to-end timeout Serve's proxies apply to each request."""
     access_log: bool = False
     """Per-request access log lines of Serve's proxies."""
+    direct_grpc_port: int | None = None
+    """Port of the codec replicas' own gRPC servers, the fast path (AppConfig.direct_grpc_port), bound on
+    `host`: None = the gRPC proxy's port + 1 (or a free port if that one is taken), 0 = off. A Serve
+    config that sets AppConfig.direct_grpc_port itself keeps its own."""
 
 
 def start(app: AppConfig, cluster: LocalCluster | None = None) -> dict[str, str]:
@@ -40,6 +45,9 @@ def start(app: AppConfig, cluster: LocalCluster | None = None) -> dict[str, str]
     from .app import GRPC_SERVICER_FUNCTIONS, build_app
 
     cluster = cluster or LocalCluster()
+    if not app.direct_grpc_port and cluster.direct_grpc_port != 0:
+        port = cluster.direct_grpc_port or _free_or_other(cluster.host, cluster.grpc_port + 1)
+        app = replace(app, direct_grpc_port=port, direct_grpc_host=cluster.host)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Serve's gRPC proxy reads its message cap from the environment (default 2 GiB): match our limits.
     # (Only a Ray instance started here inherits it; on clusters set it in the pod env.)
@@ -64,6 +72,17 @@ def start(app: AppConfig, cluster: LocalCluster | None = None) -> dict[str, str]
         "http": f"http://{cluster.host}:{cluster.http_port}",
         "metrics": f"http://127.0.0.1:{cluster.metrics_port}/metrics" if cluster.metrics_port else "",
     }
+
+
+def _free_or_other(host: str, port: int) -> int:
+    """`port` if nothing listens there, else a free port."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return port
+        except OSError:
+            s.bind((host, 0))
+            return s.getsockname()[1]
 
 
 def stop() -> None:
