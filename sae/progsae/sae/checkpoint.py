@@ -22,19 +22,21 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from . import ordering as ordmod
-from .codec import SAE, check_ladder, default_ladder
+from .codec import SAE, Activation, check_ladder, default_ladder
 from .ordering import Ordering
 
 FORMAT_VERSION = 1
 CFG, WEIGHTS, ORDERING, METRICS = "cfg.json", "sae_weights.safetensors", "ordering.safetensors", "metrics.json"
 ARCHITECTURES = ("topk", "matryoshka", "relu", "jumprelu")
+_ACTIVATION: dict[str, Activation] = {"topk": "topk", "matryoshka": "topk", "relu": "relu", "jumprelu": "jumprelu"}
+"""How each architecture selects its latents (a Matryoshka SAE is a TopK SAE)."""
 
 
 class CheckpointError(ValueError):
@@ -65,7 +67,7 @@ class CheckpointMeta:
     """Human-readable hook point name."""
     training_tokens: int = 0
     """Tokens seen in training."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
     """Free-form provenance (trainer config, outlier policy, ...)."""
 
 
@@ -195,7 +197,7 @@ def save(
 
 
 def _ordering_tensors(orderings: dict[str, Ordering]) -> dict[str, torch.Tensor]:
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, o in orderings.items():
         out[f"{name}.perm"] = o.perm.long().cpu()
         out[f"{name}.scores"] = o.scores.double().cpu()
@@ -216,7 +218,7 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
 
 def _json_default(o: Any) -> Any:
     if isinstance(o, torch.Tensor):
-        return o.tolist()
+        return o.tolist()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]  # torch: -> bare list
     if hasattr(o, "_asdict"):
         return o._asdict()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
@@ -237,7 +239,7 @@ def _read_cfg(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f}: expected a JSON object")
-    return cfg
+    return cast(dict[str, Any], cfg)  # a JSON object's keys are strings
 
 
 def _need(d: dict[str, Any], key: str, where: Path, typ: type | tuple[type, ...]) -> Any:
@@ -254,9 +256,10 @@ def _meta_from_cfg(cfg: dict[str, Any], path: Path) -> CheckpointMeta:
     if ours is not None:
         if not isinstance(ours, dict):
             raise CheckpointError(f"{where}: field 'progsae' must be an object")
+        ours = cast(dict[str, Any], ours)
         if ours.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{where}: unsupported format_version {ours.get('format_version')!r}")
-        fields = {k: ours[k] for k in CheckpointMeta.__dataclass_fields__ if k in ours}
+        fields: dict[str, Any] = {k: ours[k] for k in CheckpointMeta.__dataclass_fields__ if k in ours}
         for key, typ in (("architecture", str), ("d_in", int), ("d_sae", int), ("k", int), ("granularities", list)):
             _need(ours, key, where, typ)
         fields["granularities"] = tuple(ours["granularities"])
@@ -273,11 +276,14 @@ def _meta_from_cfg(cfg: dict[str, Any], path: Path) -> CheckpointMeta:
             raise CheckpointError(
                 f"{where}: normalize_activations={norm!r} needs a scaling factor SAELens does not store"
             )
-        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-        if kind == "topk" and not isinstance(k, int):
+        fn_kwargs: dict[str, Any] = cfg.get("activation_fn_kwargs") or {}
+        k = cfg.get("k") or fn_kwargs.get("k")
+        if kind != "topk":
+            k = d_sae
+        elif not isinstance(k, int):
             raise CheckpointError(f"{where}: topk SAE without an integer 'k'")
         meta = CheckpointMeta(
-            architecture=kind, d_in=d_in, d_sae=d_sae, k=k if kind == "topk" else d_sae,
+            architecture=kind, d_in=d_in, d_sae=d_sae, k=k,
             granularities=default_ladder(d_sae), model=cfg.get("model_name"),
             layer=cfg.get("hook_layer"), hook=cfg.get("hook_name"),
             extra={"source": "saelens"},
@@ -300,7 +306,8 @@ def _check_meta(meta: CheckpointMeta, path: Path) -> None:
         raise CheckpointError(f"{where}: {e}") from None
     if meta.granularities[-1] != meta.d_sae:
         raise CheckpointError(f"{where}: the last granularity must equal d_sae={meta.d_sae}")
-    if not (isinstance(meta.scale, (int, float)) and math.isfinite(meta.scale) and meta.scale > 0):
+    scale = cast(object, meta.scale)  # read from JSON: the field's annotation is what this checks
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise CheckpointError(f"{where}: normalisation scale must be a positive finite number")
 
 
@@ -308,9 +315,10 @@ def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
     if not f.is_file():
         raise CheckpointError(f"{f}: missing")
     try:
-        with safe_open(f, framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            digest = (fh.metadata() or {}).get("progsae_sha256")
+        with cast(Any, safe_open(f, framework="pt")) as fh:  # safetensors' stub leaves its methods unannotated
+            tensors: dict[str, torch.Tensor] = {k: fh.get_tensor(k) for k in fh.keys()}
+            header: dict[str, str] = fh.metadata() or {}
+            digest = header.get("progsae_sha256")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
     if digest is not None and digest != _tensor_digest(tensors):
@@ -368,15 +376,15 @@ def load(path: str | Path, ordering: str = "none", device: str | torch.device = 
     f = path / WEIGHTS
     t = _read_tensors(f)
     d, m = meta.d_in, meta.d_sae
-    w = {
-        "W_enc": _check_tensor(t, "W_enc", (d, m), f),
-        "W_dec": _check_tensor(t, "W_dec", (m, d), f),
-        "b_enc": _check_tensor(t, "b_enc", (m,), f),
-        "b_dec": _check_tensor(t, "b_dec", (d,), f),
-    }
-    threshold = _check_tensor(t, "threshold", (m,), f) if meta.architecture == "jumprelu" else None
-    activation = "topk" if meta.architecture in ("topk", "matryoshka") else meta.architecture
-    sae = SAE(**w, k=meta.k, activation=activation, threshold=threshold).to(device)
+    sae = SAE(
+        W_enc=_check_tensor(t, "W_enc", (d, m), f),
+        W_dec=_check_tensor(t, "W_dec", (m, d), f),
+        b_enc=_check_tensor(t, "b_enc", (m,), f),
+        b_dec=_check_tensor(t, "b_dec", (d,), f),
+        k=meta.k,
+        activation=_ACTIVATION[meta.architecture],
+        threshold=_check_tensor(t, "threshold", (m,), f) if meta.architecture == "jumprelu" else None,
+    ).to(device)
     orderings = read_orderings(path, m)
     metrics: dict[str, Any] = {}
     if (path / METRICS).exists():

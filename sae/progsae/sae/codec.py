@@ -84,14 +84,16 @@ class SAE:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         """Copy onto a device and/or floating dtype (float64 for evaluation)."""
-        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+
         return replace(
             self,
             W_enc=move(self.W_enc),
             W_dec=move(self.W_dec),
             b_enc=move(self.b_enc),
             b_dec=move(self.b_dec),
-            threshold=move(self.threshold),
+            threshold=None if self.threshold is None else move(self.threshold),
         )
 
     def fold_scale(self) -> SAE:
@@ -135,7 +137,11 @@ class SAE:
             # ReLU commutes with top-k (monotone), so clamp only the k winners.
             values, indices = pre.topk(k, dim=-1, sorted=False)
             return Codes(indices, values.clamp_min(0))
-        acts = pre.relu() if self.activation == "relu" else pre * (pre > self.threshold[: pre.shape[1]])
+        if self.activation == "relu":
+            acts = pre.relu()
+        else:
+            assert self.threshold is not None, "a jumprelu SAE needs its thresholds"
+            acts = pre * (pre > self.threshold[: pre.shape[1]])
         width = int((acts > 0).sum(-1).max().item()) if acts.numel() else 0
         values, indices = acts.topk(max(width, 1), dim=-1, sorted=False)
         return Codes(indices, values)

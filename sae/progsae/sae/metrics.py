@@ -82,7 +82,7 @@ def _cosine_distances(a: Tensor) -> np.ndarray:
 
 
 def _centred_ranks(v: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # pyright: ignore[reportMissingTypeStubs, reportUnknownVariableType]  # no stubs
 
     # Distances equal up to float noise (e.g. a constant x_hat) are ties, not an order.
     r = rankdata(np.round(v, 12), method="average")
@@ -121,8 +121,8 @@ class TokenLossAccumulator:
         # sums in float64.
         ce = (-logp.gather(-1, targets[:, None])).reshape(contexts, -1).sum(1, dtype=torch.float64)
         kl = (logp_clean.exp() * (logp_clean - logp)).reshape(contexts, -1).sum(1, dtype=torch.float64)
-        self.context_ce += ce.tolist()
-        self.context_kl += kl.tolist()
+        self.context_ce += ce.tolist()  # pyright: ignore[reportUnknownMemberType]  # torch: tolist() -> bare list
+        self.context_kl += kl.tolist()  # pyright: ignore[reportUnknownMemberType]  # torch: tolist() -> bare list
         self.context_tokens += [n // contexts] * contexts
         self.ce_sum += float(ce.sum())
         self.kl_sum += float(kl.sum())

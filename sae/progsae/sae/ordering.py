@@ -6,7 +6,7 @@ accumulated in float64 over any number of batches of codes.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -44,7 +44,9 @@ class ImportanceAccumulator:
         dev = sae.W_dec.device
         # Codes are in normalised scale; the decoder norms in raw scale absorb 1/scale,
         # a constant factor that changes no ranking but keeps scores in raw units.
-        self.dec_norm_sq = (sae.W_dec.double().norm(dim=1) / sae.scale) ** 2
+        # torch leaves Tensor.norm's dim unannotated, so its type is partly unknown
+        norm = cast(Tensor, sae.W_dec.double().norm(dim=1))  # pyright: ignore[reportUnknownMemberType]
+        self.dec_norm_sq = (norm / sae.scale) ** 2
         self.sum_sq = torch.zeros(self.d_sae, dtype=torch.float64, device=dev)
         self.fires = torch.zeros(self.d_sae, dtype=torch.float64, device=dev)
         self.tokens = 0
