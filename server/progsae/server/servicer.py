@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from progsae.v1 import progsae_pb2 as pb
 
 from . import auth
-from .errors import ServiceError, Status, invalid
+from .errors import ServiceError, Status, internal, invalid
 from .registry import ModelSpec, Registry, ServedModel
 from .service import CodecService
 from .text import TextActivations, TextBackend
@@ -201,8 +201,6 @@ class ProgsaeServicer:
                 await fail(grpc_context, e)
                 raise StreamRejected(e.message) from None
             except Exception as e:  # noqa: BLE001  (never a traceback to the client)
-                from .errors import internal
-
                 err = internal(e)
                 status = err.status.value
                 await fail(grpc_context, err)
