@@ -224,7 +224,7 @@ def check_ladder(ladder: Sequence[int], d_sae: int) -> None:
     for g in ladder:
         _check_g(g, d_sae)
         if g <= prev:
-            raise ValueError(f"granularities must be strictly increasing, got {list(ladder)}")
+            raise ValueError(f"granularities must be strictly increasing, got {g} after {prev}")
         prev = g
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from progsae.sae.codec import Codes
+from progsae.sae.codec import Codes, check_ladder
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
@@ -137,12 +137,10 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits)
         ladder = tuple(int(g) for g in req.ladder)
         if len(ladder) > limits.max_rungs:
             raise exhausted(f"ladder: {len(ladder)} rungs exceed the limit of {limits.max_rungs}")
-        prev = 0
-        for g in ladder:
-            granularity(g, model, "ladder")
-            if g <= prev:
-                raise invalid(f"ladder must be strictly increasing, got {g} after {prev}")
-            prev = g
+        try:
+            check_ladder(ladder, model.d_sae)  # the codec's own rule, named once
+        except ValueError as e:
+            raise invalid(f"ladder: {e} (M of model {model.id} is {model.d_sae})") from None
     else:
         ladder = model.ladder
     b = req.budget
