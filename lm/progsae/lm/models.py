@@ -244,8 +244,9 @@ def _token_id(tok: Any, token: str, alias: str) -> int:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM (Llama/Gemma/Qwen/Mistral `layers`, GPT-2 `h`, ...)."""
     cands = [model, getattr(model, "model", None), getattr(model, "transformer", None)]
-    if hasattr(model, "get_decoder"):
-        cands.insert(0, model.get_decoder())
+    get_decoder = getattr(model, "get_decoder", None)
+    if get_decoder is not None:
+        cands.insert(0, get_decoder())
     for obj in cands:
         for attr in ("layers", "h", "blocks"):
             mods = getattr(obj, attr, None)

@@ -116,7 +116,8 @@ def from_numpy(a: np.ndarray, dtype: str | int = "float32") -> pb.Tensor:
         raw = (f >> np.uint32(16)).astype("<u2")
     else:
         raw = np.ascontiguousarray(a, dtype=np_dtype)
-    return pb.Tensor(data=raw.tobytes(), shape=list(a.shape), dtype=code)
+    # protoc's .pyi types an enum field as the enum class alone; the runtime takes any int
+    return pb.Tensor(data=raw.tobytes(), shape=list(a.shape), dtype=code)  # pyright: ignore[reportArgumentType]
 
 
 def codes_from_arrays(indices: np.ndarray, values: np.ndarray, drop_zeros: bool = True,

@@ -5,6 +5,7 @@ All accumulators are float64 and streaming: feed batches, read the result once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -177,7 +178,7 @@ def bootstrap_weights(n_contexts: int, n_boot: int = 1000, seed: int = 0) -> np.
     return rng.multinomial(n_contexts, np.full(n_contexts, 1.0 / n_contexts), size=n_boot).astype(np.float64)
 
 
-def _vectors(*sums: np.ndarray | list[float]) -> list[np.ndarray]:
+def _vectors(*sums: np.ndarray | Sequence[float]) -> list[np.ndarray]:
     out = [np.asarray(s, dtype=np.float64) for s in sums]
     if len({v.shape for v in out}) != 1 or out[0].ndim != 1:
         raise ValueError(f"per-context sums must be 1-d and of one length, got {[v.shape for v in out]}")
@@ -195,8 +196,8 @@ def _se(stats: np.ndarray, n_contexts: int) -> float:
     return float(np.std(stats, ddof=1)) if n_contexts >= 2 and len(stats) >= 2 else float("nan")
 
 
-def ce_recovered_bootstrap(clean: np.ndarray | list[float], zero: np.ndarray | list[float],
-                           sae: np.ndarray | list[float], n_boot: int = 1000, seed: int = 0) -> BootstrapEstimate:
+def ce_recovered_bootstrap(clean: np.ndarray | Sequence[float], zero: np.ndarray | Sequence[float],
+                           sae: np.ndarray | Sequence[float], n_boot: int = 1000, seed: int = 0) -> BootstrapEstimate:
     """CE recovered from per-context CE sums of clean, zero-ablated and SAE runs, with its bootstrap SE.
 
     All three are resampled with the same contexts (paired); each resample's CE recovered
@@ -207,7 +208,7 @@ def ce_recovered_bootstrap(clean: np.ndarray | list[float], zero: np.ndarray | l
     return BootstrapEstimate(value, _se(_recovered(bootstrap_weights(len(c), n_boot, seed), c, z, s), len(c)))
 
 
-def per_token_mean_bootstrap(sums: np.ndarray | list[float], tokens: np.ndarray | list[float],
+def per_token_mean_bootstrap(sums: np.ndarray | Sequence[float], tokens: np.ndarray | Sequence[float],
                              n_boot: int = 1000, seed: int = 0) -> BootstrapEstimate:
     """Token-weighted mean sum(sums) / sum(tokens) (e.g. KL per token), with its bootstrap SE."""
     s, t = _vectors(sums, tokens)
@@ -215,8 +216,8 @@ def per_token_mean_bootstrap(sums: np.ndarray | list[float], tokens: np.ndarray 
     return BootstrapEstimate(float(s.sum() / t.sum()), _se((w @ s) / (w @ t), len(s)))
 
 
-def ce_recovered_difference(clean: np.ndarray | list[float], zero: np.ndarray | list[float],
-                            a: np.ndarray | list[float], b: np.ndarray | list[float], n_boot: int = 1000,
+def ce_recovered_difference(clean: np.ndarray | Sequence[float], zero: np.ndarray | Sequence[float],
+                            a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float], n_boot: int = 1000,
                             seed: int = 0, level: float = 0.95) -> PairedDifference:
     """CE recovered(a) - CE recovered(b) for two SAEs scored on the same contexts (same clean / zero).
 

@@ -138,6 +138,7 @@ def splice_eval(ck: checkpoint.Checkpoint, sae: SAE, variants: list[Variant], ca
             for rung in v.sae.progressive(v.relabel(codes), ladder):
                 if rung.g == sae.d_sae and full_done:
                     continue
+                assert rung.recon is not None  # progressive() yields reconstructions unless told not to
                 accs[(v.name, rung.g)].update(lp_clean, run(_splice(hidden, kb, rung.recon)), targets, contexts=B)
                 full_done = full_done or rung.g == sae.d_sae
     bar.close()

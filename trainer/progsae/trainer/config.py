@@ -183,7 +183,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         if "outlier_factor" in kw:
             kw["outlier_factor"] = OutlierPolicy.from_record(kw["outlier_factor"])
         return cls(**kw)

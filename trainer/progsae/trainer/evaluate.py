@@ -98,7 +98,7 @@ def resolve_orderings(ck: checkpoint.Checkpoint, ordering: str) -> list[str]:
             return ["none", *[o for o in ("mean_sq", "freq") if o in ck.orderings]]
         names = [ordering]
     else:
-        names = list(ORDERING_NAMES) if ordering == "all" else [ordering]
+        names: list[str] = list(ORDERING_NAMES) if ordering == "all" else [ordering]
     missing = [n for n in names if n != "none" and n not in ck.orderings]
     if missing:
         raise ValueError(
@@ -223,6 +223,7 @@ def _stream_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cac
         xk = x[kb]
         for v in variants:
             for j, rung in enumerate(v.sae.progressive(v.relabel(codes), ladder)):
+                assert rung.recon is not None  # progressive() yields reconstructions unless told not to
                 s.fvu_all[v.name][j].update(x, rung.recon)
                 if len(xk):
                     s.fvu[v.name][j].update(xk, rung.recon[kb])
@@ -247,6 +248,7 @@ def _rsa_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cache:
     for v in variants:
         out[v.name] = []
         for rung in v.sae.progressive(v.relabel(codes), ladder):
+            assert rung.recon is not None  # progressive() yields reconstructions unless told not to
             out[v.name].append(ref.score(rung.recon))
             bar.update(1)
     bar.close()
@@ -268,7 +270,8 @@ def _ordering_result(ck: checkpoint.Checkpoint, v: Variant, rungs: list[RungMetr
     except ValueError:
         law = None
     in_order = importance[v.perm]
-    mono = spearmanr(np.arange(len(in_order)), in_order.numpy()).statistic
+    # scipy ships no annotations, and pyright's inference of spearmanr's result misses .statistic
+    mono = spearmanr(np.arange(len(in_order)), in_order.numpy()).statistic  # pyright: ignore[reportAttributeAccessIssue]
     return OrderingResult(v.name, rungs, law, source, scores.tolist(), in_order.tolist(), float(mono))
 
 

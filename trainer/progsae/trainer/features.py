@@ -258,9 +258,10 @@ class LogitLens:
     def __init__(self, lm: Any, p: int):
         model = lm.model
         base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-        self.norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None) or getattr(base, "ln_f", None)
-        if self.norm is None:
+        norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None) or getattr(base, "ln_f", None)
+        if norm is None:
             raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+        self.norm = norm
         self.unembed = model.get_output_embeddings()
         self.tokenizer, self.p = lm.tokenizer, p
 

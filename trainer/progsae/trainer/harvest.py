@@ -173,7 +173,7 @@ class _Metrics:
 
     def __init__(self, port: int | None, target: int):
         self.enabled = port is not None
-        if not self.enabled:
+        if port is None:
             return
         from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
@@ -197,7 +197,7 @@ def _activations(lm: LoadedModel, ctx: np.ndarray, layer: int, batch: int) -> It
     from progsae.lm.models import hidden_at_layer
 
     for i in range(0, len(ctx), batch):
-        ids = torch.from_numpy(ctx[i:i + batch].astype(np.int64)).to(lm.model.device)
+        ids = torch.from_numpy(ctx[i:i + batch].astype(np.int64)).to(next(lm.model.parameters()).device)
         h = hidden_at_layer(lm.model, ids, layer)[:, 1:, :]
         yield h.reshape(-1, h.shape[-1]).float().cpu().numpy()
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from . import outliers
 from .outliers import OutlierPolicy
+
+if TYPE_CHECKING:
+    from progsae.sae.ordering import Criterion
 
 CRITERIA = ("mean_sq", "freq")
 
@@ -78,4 +82,4 @@ def compute_orderings(checkpoint_dir: str | Path, activations: str | Path, cfg: 
             if acc.tokens >= budget:
                 break
     bar.close()
-    return {c: acc.ordering(c) for c in cfg.by}
+    return {c: acc.ordering(cast("Criterion", c)) for c in cfg.by}  # OrderConfig checked the names

@@ -146,9 +146,10 @@ def _paired_diffs(have: list[Variant], j: int, baselines: dict[str, CEBaseline])
     the same contexts (same indices, token counts, clean and zero-ablated losses).
     """
     base = [baselines.get(v.ckpt) for v in have]
-    sums = [v.rungs[j].get("ce_context_sums") for v in have]
+    given = [v.rungs[j].get("ce_context_sums") for v in have]
+    sums = [s for s in given if s is not None]
     b0 = base[0]
-    if b0 is None or any(b is None or not b0.same_contexts(b) for b in base) or any(s is None for s in sums):
+    if b0 is None or any(b is None or not b0.same_contexts(b) for b in base) or len(sums) < len(given):
         return None
     if any(len(s) != len(b0.clean_sums or []) for s in sums):
         return None
@@ -171,8 +172,9 @@ def _ordered(vs: dict[str, Variant], chain: list[str], key: str, higher: bool,
     gs = have[0].g[:-1]
     fails, unresolved, cells = [], [], []
     for j, g in enumerate(gs):
-        vals = [v.rungs[j].get(key) for v in have]
-        if any(x is None for x in vals):
+        given = [v.rungs[j].get(key) for v in have]
+        vals = [x for x in given if x is not None]
+        if len(vals) < len(given):
             return Claim(name, None, f"{key} not measured (run eval with --ce)" if key.startswith(("ce", "kl"))
                          else f"{key} missing")
         ok: bool | None = all((a > b) if higher else (a < b) for a, b in zip(vals, vals[1:]))

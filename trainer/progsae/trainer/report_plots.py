@@ -162,13 +162,13 @@ def density_figure(infos: list[CheckpointInfo], out: Path) -> Path | None:
 
 
 def throughput_figure(infos: list[CheckpointInfo], out: Path) -> Path | None:
-    have = [i for i in infos if i.tokens_per_s]
+    have = [(i, i.tokens_per_s) for i in infos if i.tokens_per_s]
     if not have:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    names = [f"{i.arch}\n({i.name})" for i in have]
-    vals = [i.tokens_per_s for i in have]
-    bars = ax.bar(names, vals, color=["C3" if i.arch == "matryoshka" else "C0" for i in have])
+    names = [f"{i.arch}\n({i.name})" for i, _ in have]
+    vals = [v for _, v in have]
+    bars = ax.bar(names, vals, color=["C3" if i.arch == "matryoshka" else "C0" for i, _ in have])
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("training tokens / s")

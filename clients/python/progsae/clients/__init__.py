@@ -1,11 +1,17 @@
 """progsae clients: `Client` (blocking) and `AsyncClient` (asyncio), numpy in and out."""
 
+from typing import TYPE_CHECKING
+
 from .types import ProgsaeError
+
+if TYPE_CHECKING:  # imported on first use (below), so `import progsae.clients` stays light
+    from .aio import AsyncClient
+    from .client import Client
 
 __all__ = ["Client", "AsyncClient", "ProgsaeError"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "Client":
         from .client import Client
 
