@@ -249,6 +249,18 @@ def test_cheap_calls_flow_while_a_large_encode_computes(server):
     assert answered >= 1, (answered, total)  # GetModel and a 4-token Encode returned before the large call
 
 
+def test_a_batch_answers_each_encode_in_the_codes_form_it_asked_for(root, x):
+    """Batched together, a revision-1 Encode still gets repeated codes and a revision-2 one packed codes."""
+    m = Registry(RegistryConfig(root=str(root))).get("topk")
+    old = pb.EncodeRequest(activations=convert.from_numpy(x[:4]))
+    new = pb.EncodeRequest(activations=convert.from_numpy(x[4:8]), packed_codes=True)
+    for batch in ([old, new], [new, old]):
+        for req, resp in zip(batch, CodecService().encode_batch([(m, r) for r in batch])):
+            assert isinstance(resp, pb.EncodeResponse)
+            assert bool(resp.codes.packed_indices) == req.packed_codes
+            assert bool(len(resp.codes.indices)) != req.packed_codes
+
+
 def test_model_id_field_and_metadata_agree_by_resolved_id(client, x):
     stub = pb_grpc.ProgsaeStub(client.channel)
     req = pb.EncodeRequest(model_id="topk", activations=convert.from_numpy(x))

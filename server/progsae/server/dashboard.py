@@ -18,7 +18,7 @@ import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -27,6 +27,9 @@ from progsae.sae import checkpoint
 
 from .errors import ServiceError, invalid, not_found
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .service import CodecService
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "chart.js": "text/javascript",
@@ -130,10 +133,19 @@ def curves(path: Path) -> dict[str, list[dict[str, Any]]]:
 router = APIRouter()
 
 
-def _codec():
+class _Replica(Protocol):
+    """What the dashboard routes use of the replica that serves them (an app.Codec)."""
+
+    registry: Registry
+    service: CodecService
+    _dashboard: Dashboard
+
+
+def _codec() -> _Replica:
     from ray import serve
 
-    return serve.get_replica_context().servable_object
+    # Serve annotates servable_object as a plain callable; it is the ingress deployment's instance.
+    return cast(_Replica, serve.get_replica_context().servable_object)
 
 
 def _dashboard() -> Dashboard:

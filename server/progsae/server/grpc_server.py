@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
@@ -56,6 +57,10 @@ def _safe(parse):
     return run
 
 
+def _serialize(msg: Message) -> bytes:
+    return msg.SerializeToString()
+
+
 def progsae_handler(servicer: ProgsaeServicer) -> grpc.GenericRpcHandler:
     """progsae.v1.Progsae's methods on `servicer`; undecodable request bytes answer INVALID_ARGUMENT
     in one line (grpcio's own answer would be INTERNAL)."""
@@ -73,8 +78,7 @@ def progsae_handler(servicer: ProgsaeServicer) -> grpc.GenericRpcHandler:
                     yield msg
 
             handlers[m.name] = grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=_safe(req_cls.FromString),
-                response_serializer=lambda msg: msg.SerializeToString())
+                stream, request_deserializer=_safe(req_cls.FromString), response_serializer=_serialize)
         else:
             async def unary(request, context, fn=fn, detail=detail):
                 if isinstance(request, _Undecodable):
@@ -82,8 +86,7 @@ def progsae_handler(servicer: ProgsaeServicer) -> grpc.GenericRpcHandler:
                 return await fn(request, context)
 
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=_safe(req_cls.FromString),
-                response_serializer=lambda msg: msg.SerializeToString())
+                unary, request_deserializer=_safe(req_cls.FromString), response_serializer=_serialize)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
@@ -102,13 +105,14 @@ def message_options(limits: Limits) -> list[tuple[str, Any]]:
             ("grpc.max_send_message_length", limits.max_response_bytes + (1 << 20))]
 
 
-async def start_aio_server(servicer: ProgsaeServicer, config: GrpcServerConfig,
-                           limits: Limits) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+# typeshed's grpc_health stub lacks the `health.aio` module grpcio-health-checking has (two ignores below)
+async def start_aio_server(servicer: ProgsaeServicer, config: GrpcServerConfig, limits: Limits
+                           ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:  # pyright: ignore[reportAttributeAccessIssue]
     """Build, bind and start a grpc.aio server for `servicer` on the running loop: (server, health, port)."""
     options = [*message_options(limits), ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((progsae_handler(servicer),))
-    hs = health.aio.HealthServicer()
+    hs = health.aio.HealthServicer()  # pyright: ignore[reportAttributeAccessIssue]
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(servicer), server)
     if config.tls_cert_file or config.tls_key_file:

@@ -16,7 +16,7 @@ Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching H
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -29,13 +29,30 @@ from progsae.v1 import progsae_pb2 as pb
 from . import auth
 from .errors import ServiceError, internal, invalid, unauthenticated
 
+if TYPE_CHECKING:
+    from .registry import ServedModel
+    from .service import CodecService
+    from .servicer import ProgsaeServicer
+
 api = FastAPI(title="progsae", description="Progressive SAE codec: HTTP/JSON API")
 
 
-def _codec():
+class _Replica(Protocol):
+    """What the routes use of the replica that serves them (an app.Codec)."""
+
+    servicer: ProgsaeServicer
+    service: CodecService
+
+    def loaded(self) -> list[str]: ...
+
+    async def _encode(self, model: ServedModel, request: pb.EncodeRequest) -> pb.EncodeResponse: ...
+
+
+def _codec() -> _Replica:
     from ray import serve
 
-    return serve.get_replica_context().servable_object
+    # Serve annotates servable_object as a plain callable; it is the ingress deployment's instance.
+    return cast(_Replica, serve.get_replica_context().servable_object)
 
 
 def _error(e: Exception) -> JSONResponse:

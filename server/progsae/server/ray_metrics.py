@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-LATENCY_BOUNDARIES_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+LATENCY_BOUNDARIES_MS: list[float] = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+BATCH_BOUNDARIES: list[float] = [1, 2, 4, 8, 16, 32, 64]
 
 
 class RayServeSink:
@@ -17,7 +17,7 @@ class RayServeSink:
     def __init__(self) -> None:
         self.requests = metrics.Counter(
             "progsae_requests", description="progsae calls by method, status and model",
-            tag_keys=("method", "status", "model"),
+            tag_keys=("method", "status", "model"),  # pyright: ignore[reportArgumentType]  # Ray: Tuple[str], meant ...
         )
         self.latency = metrics.Histogram(
             "progsae_request_latency_ms", description="progsae call latency in the replica (ms), by method",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -85,7 +85,7 @@ class CodecService:
     ) -> list[pb.EncodeResponse | ServiceError]:
         """Encode many requests; requests for the same model and mode share one matmul."""
         results: list[pb.EncodeResponse | ServiceError | None] = [None] * len(items)
-        groups: dict[tuple[str, int, int], list[tuple[int, torch.Tensor]]] = {}
+        groups: dict[tuple[str, pb.EncodeMode, int], list[tuple[int, torch.Tensor]]] = {}
         models: dict[str, ServedModel] = {}
         for i, (model, req) in enumerate(items):
             try:
@@ -112,7 +112,7 @@ class CodecService:
                 results[i] = pb.EncodeResponse(
                     model_id=model.id,
                     codes=convert.codes_from_arrays(idx[start:start + n], val[start:start + n],
-                                                    packed=req.packed_codes),
+                                                    packed=items[i][1].packed_codes),
                     normalisation=_normalisation(model.card),
                     mode=mode,
                     granularity=g,
@@ -152,7 +152,7 @@ class CodecService:
         req: pb.StreamDecodeRequest,
         cancelled: Callable[[], bool] | None = None,
         t0: float | None = None,
-    ) -> Iterator[pb.StreamDecodeResponse]:
+    ) -> Generator[pb.StreamDecodeResponse, None, None]:
         """One message per rung (header on the first, end on the last). Validation errors raise
         before the first message.
 
@@ -164,7 +164,7 @@ class CodecService:
         return self._stream(model, plan, cancelled or (lambda: False), t0)
 
     def _stream(self, model: ServedModel, plan: validate.StreamPlan, cancelled: Callable[[], bool],
-                t0: float) -> Iterator[pb.StreamDecodeResponse]:
+                t0: float) -> Generator[pb.StreamDecodeResponse, None, None]:
         self.stats.stream_started()
         reason_name: str | None = None
         try:
@@ -201,6 +201,7 @@ class CodecService:
                     break
                 yield out
                 out = pb.StreamDecodeResponse()
+            assert reason is not None  # the last rung sets one
             end = pb.StreamEnd(stop_reason=reason, rungs=sent, final_g=last_g,
                                elapsed_ms=1e3 * (time.perf_counter() - t0))
             if last_fvu is not None:

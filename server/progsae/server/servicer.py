@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -60,7 +60,7 @@ def metadata_value(grpc_context: Any, key: str) -> str:
 def deadline_check(grpc_context: Any, t0: float) -> Callable[[], bool]:
     """True once the call's deadline has passed: gRPC's own (grpc.aio), else the timeout metadata."""
     end = None
-    remaining = getattr(grpc_context, "time_remaining", None)
+    remaining: Callable[[], float | None] | None = getattr(grpc_context, "time_remaining", None)
     left = remaining() if callable(remaining) else None
     if left is not None:
         end = time.perf_counter() + left
@@ -89,7 +89,7 @@ class OffLoop:
     """A sync generator advanced one item at a time on an executor; close() is safe at any moment
     (while an item is being computed, the generator is closed as soon as that item is done)."""
 
-    def __init__(self, gen: Iterator[T], pool: Executor):
+    def __init__(self, gen: Generator[T, None, None], pool: Executor):
         self.gen, self.pool = gen, pool
         self._pending: Future | None = None
 
@@ -178,7 +178,7 @@ class ProgsaeServicer:
         return await self._unary("DecodeAtGranularity", request.model_id, grpc_context, body, pb.DecodeResponse())
 
     async def StreamDecode(self, request: pb.StreamDecodeRequest,
-                           grpc_context: Any = None) -> AsyncIterator[pb.StreamDecodeResponse]:
+                           grpc_context: Any = None) -> AsyncGenerator[pb.StreamDecodeResponse, None]:
         t0 = time.perf_counter()
         status = Status.CANCELLED.value
         rungs: OffLoop | None = None
@@ -268,7 +268,8 @@ class ProgsaeServicer:
             await fail(grpc_context, e)
             return
         async for req in requests:
-            for resp in self.reflection.ServerReflectionInfo(iter([req]), None):
+            # typeshed wants a context; grpc_reflection's servicer never reads it
+            for resp in self.reflection.ServerReflectionInfo(iter([req]), None):  # pyright: ignore[reportArgumentType]
                 yield resp
 
 

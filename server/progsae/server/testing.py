@@ -88,7 +88,8 @@ def error_cases(x, d_sae: int, good_model: str, max_request_bytes: int):
     mismatch.shape[:] = [n, d + 1]
     dtype_unset = t(x)
     dtype_unset.dtype = pb.DTYPE_UNSPECIFIED
-    wrong_dtype = pb.Tensor(data=x.astype(np.int32).tobytes(), shape=[n, d], dtype=99)
+    # an unknown enum value on purpose (protoc's .pyi admits only DType members)
+    wrong_dtype = pb.Tensor(data=x.astype(np.int32).tobytes(), shape=[n, d], dtype=99)  # pyright: ignore[reportArgumentType]
     out_of_range = convert.codes_from_csr(convert.SparseArrays(np.array([0, 2]), np.array([1, d_sae]),
                                                                np.ones(2, np.float32)))
     dup = convert.codes_from_csr(convert.SparseArrays(np.array([0, 2]), np.array([3, 3]), np.ones(2, np.float32)))

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ServiceError, Status, invalid
 from .registry import ModelCard
+
+if TYPE_CHECKING:
+    from progsae.lm.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,10 @@ class TextBackend:
 
     def __init__(self, max_models: int = 1):
         self._lock = threading.Lock()
-        self._loaded: dict[str, object] = {}
+        self._loaded: dict[str, LoadedModel] = {}
         self._max = max_models
 
-    def lm(self, alias: str):
+    def lm(self, alias: str) -> LoadedModel:
         with self._lock:
             if alias not in self._loaded:
                 try:

@@ -88,7 +88,7 @@ def granularity(g: int, model: ServedModel, field: str = "granularity") -> int:
     return int(g)
 
 
-_ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT64: 8}
+_ITEMSIZE: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT64: 8}
 
 
 def response_size(tokens: int, model: ServedModel, dtype: int, limits: Limits, what: str = "reconstruction") -> None:
@@ -120,7 +120,7 @@ class StreamPlan:
     """Server-side compute budget in seconds."""
     target_fvu: float | None
     """Stop once FVU <= this."""
-    payload: int
+    payload: pb.PayloadKind
     out_dtype: int
     per_token_l0: bool
     packed_codes: bool
@@ -169,6 +169,10 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits)
         raise invalid(f"payload: unknown kind {req.payload}")
     dtype = out_dtype(req.output_dtype)
     if req.payload != pb.PAYLOAD_NONE:
-        n = x.shape[0] if x is not None else c.indices.shape[0]
+        if x is not None:
+            n = x.shape[0]
+        else:
+            assert c is not None  # `which` named one input
+            n = c.indices.shape[0]
         response_size(n, model, dtype, limits, "a rung's tensor")
     return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0, req.packed_codes)
