@@ -220,7 +220,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", start_token: str 
     source = str(convert_gguf(spec)) if spec.packaged else spec.source
     tok = AutoTokenizer.from_pretrained(source)
     tok.model_max_length = 1 << 30  # we chunk ourselves; silence the length warning
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+    # transformers wraps .to in functools.wraps, whose typeshed type does not bind self
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()  # pyright: ignore[reportArgumentType]
     model.requires_grad_(False)
     cfg = _text_config(model.config)
     d_model, n_layers = int(cfg.hidden_size), len(decoder_layers(model))
