@@ -104,7 +104,7 @@ class SAE:
         )
 
     def permute(self, perm: Tensor) -> SAE:
-        """Reorder latents: new latent j is old latent perm[j]."""
+        """Reorder latents by a [d_sae] permutation: new latent j is old latent perm[j]."""
         th = None if self.threshold is None else self.threshold[perm]
         return replace(
             self, W_enc=self.W_enc[:, perm], W_dec=self.W_dec[perm], b_enc=self.b_enc[perm],
@@ -149,7 +149,7 @@ class SAE:
     # --- decode -------------------------------------------------------------------------
 
     def decode(self, codes: Codes, g: int | None = None) -> Tensor:
-        """Nested truncation: raw-scale reconstruction from the codes with index < g."""
+        """Nested truncation: raw-scale reconstruction [N, d_in] from the codes with index < g."""
         g = self.d_sae if g is None else g
         _check_g(g, self.d_sae)
         keep = codes.indices < g if g < self.d_sae else None

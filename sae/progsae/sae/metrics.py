@@ -23,6 +23,7 @@ class FVUAccumulator:
         self.sumsq: Tensor | None = None
 
     def update(self, x: Tensor, x_hat: Tensor) -> None:
+        """Add a batch: activations x and their reconstruction x_hat, both [N, d_in]."""
         x64 = x.detach().double()
         self.sse += float((x64 - x_hat.detach().double()).square().sum())
         s, s2 = x64.sum(0), x64.square().sum(0)
@@ -41,7 +42,7 @@ class FVUAccumulator:
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
-    """FVU of one batch (its own mean as the baseline)."""
+    """FVU of one batch, x and x_hat [N, d_in] (its own mean as the baseline)."""
     acc = FVUAccumulator()
     acc.update(x, x_hat)
     return acc.value()
@@ -56,13 +57,14 @@ class RSAReference:
     """
 
     def __init__(self, x: Tensor):
+        """x: [N, d_in] reference activations, N >= 3."""
         if x.shape[0] < 3:
             raise ValueError("RSA needs at least 3 tokens")
         self.n = x.shape[0]
         self._ref = _centred_ranks(_cosine_distances(x))
 
     def score(self, x_hat: Tensor) -> float:
-        """Spearman rho; NaN when x_hat's distances are all equal (e.g. a constant x_hat)."""
+        """Spearman rho of x_hat [N, d_in]; NaN when its distances are all equal (e.g. a constant x_hat)."""
         if x_hat.shape[0] != self.n:
             raise ValueError(f"x_hat has {x_hat.shape[0]} tokens, reference has {self.n}")
         r = _centred_ranks(_cosine_distances(x_hat))
@@ -71,7 +73,8 @@ class RSAReference:
 
 
 def rsa(x: Tensor, x_hat: Tensor) -> float:
-    """Spearman correlation of the upper triangles of pairwise cosine-distance matrices."""
+    """Spearman correlation of the upper triangles of the pairwise cosine-distance matrices of x
+    and x_hat, both [N, d_in]."""
     return RSAReference(x).score(x_hat)
 
 
@@ -100,7 +103,7 @@ class TokenLossAccumulator:
     """Float64 sums of next-token CE and KL(p_clean || p) over scored tokens, in total and per context.
 
     `update` takes log-probabilities [N, V] of the clean model and of a variant for the
-    same N scored positions, and the N target token ids. The N rows are `contexts` equal
+    same N scored positions, and the [N] target token ids. The N rows are `contexts` equal
     consecutive blocks, one per context (default: the whole batch is one context); each
     block's sums are kept in `context_ce`, `context_kl` and `context_tokens`, in order, for
     the bootstrap over contexts.
@@ -198,7 +201,7 @@ def _se(stats: np.ndarray, n_contexts: int) -> float:
 
 def ce_recovered_bootstrap(clean: np.ndarray | Sequence[float], zero: np.ndarray | Sequence[float],
                            sae: np.ndarray | Sequence[float], n_boot: int = 1000, seed: int = 0) -> BootstrapEstimate:
-    """CE recovered from per-context CE sums of clean, zero-ablated and SAE runs, with its bootstrap SE.
+    """CE recovered from per-context CE sums [C] of clean, zero-ablated and SAE runs, with its bootstrap SE.
 
     All three are resampled with the same contexts (paired); each resample's CE recovered
     is (CE_zero - CE_sae) / (CE_zero - CE_clean) of its token-weighted totals.
@@ -210,7 +213,7 @@ def ce_recovered_bootstrap(clean: np.ndarray | Sequence[float], zero: np.ndarray
 
 def per_token_mean_bootstrap(sums: np.ndarray | Sequence[float], tokens: np.ndarray | Sequence[float],
                              n_boot: int = 1000, seed: int = 0) -> BootstrapEstimate:
-    """Token-weighted mean sum(sums) / sum(tokens) (e.g. KL per token), with its bootstrap SE."""
+    """Token-weighted mean sum(sums) / sum(tokens) over [C] contexts (e.g. KL per token), with its bootstrap SE."""
     s, t = _vectors(sums, tokens)
     w = bootstrap_weights(len(s), n_boot, seed)
     return BootstrapEstimate(float(s.sum() / t.sum()), _se((w @ s) / (w @ t), len(s)))
@@ -219,7 +222,7 @@ def per_token_mean_bootstrap(sums: np.ndarray | Sequence[float], tokens: np.ndar
 def ce_recovered_difference(clean: np.ndarray | Sequence[float], zero: np.ndarray | Sequence[float],
                             a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float], n_boot: int = 1000,
                             seed: int = 0, level: float = 0.95) -> PairedDifference:
-    """CE recovered(a) - CE recovered(b) for two SAEs scored on the same contexts (same clean / zero).
+    """CE recovered(a) - CE recovered(b) for two SAEs scored on the same [C] contexts (same clean / zero).
 
     Paired bootstrap: every resample takes the same contexts for a, b, clean and zero; the
     interval is the `level` percentile interval of the resampled differences.
@@ -245,7 +248,7 @@ class DensityHistogram(NamedTuple):
 
 
 def density_histogram(fires: Tensor | np.ndarray, n_tokens: int, lo: float = -7.0, bins: int = 28) -> DensityHistogram:
-    """Firing frequency fires_i / n_tokens per latent, binned on [lo, 0] in log10."""
+    """Firing frequency fires_i / n_tokens per latent (fires: [d_sae] counts), binned on [lo, 0] in log10."""
     f = np.asarray(fires, dtype=np.float64) / max(n_tokens, 1)
     live = f[f > 0]
     edges = np.linspace(lo, 0.0, bins + 1)
@@ -264,7 +267,7 @@ class PowerLaw(NamedTuple):
 
 
 def fit_power_law(sorted_scores: Tensor | np.ndarray) -> PowerLaw:
-    """Fit on descending scores; zero scores (dead latents) are excluded from the fit."""
+    """Fit on [d_sae] descending scores; zero scores (dead latents) are excluded from the fit."""
     s = np.asarray(sorted_scores, dtype=np.float64)
     s = s[s > 0]
     if s.size < 3:

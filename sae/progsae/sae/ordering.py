@@ -32,7 +32,7 @@ class Ordering(NamedTuple):
         return invert(self.perm)
 
     def sorted_scores(self) -> Tensor:
-        """Scores in the new (descending) order."""
+        """[d_sae] scores in the new (descending) order."""
         return self.scores[self.perm]
 
 
@@ -59,6 +59,7 @@ class ImportanceAccumulator:
         self.tokens += codes.indices.shape[0]
 
     def scores(self, criterion: Criterion) -> Tensor:
+        """[d_sae] float64 score of each latent seen so far."""
         if self.tokens == 0:
             raise ValueError("no tokens seen: cannot score latents")
         if criterion == "mean_sq":
@@ -72,7 +73,7 @@ class ImportanceAccumulator:
 
 
 def order_by(scores: Tensor, criterion: str) -> Ordering:
-    """Descending order of `scores`; ties keep the original index order (stable)."""
+    """Descending order of `scores` [d_sae]; ties keep the original index order (stable)."""
     perm = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
     return Ordering(criterion, perm, scores.double().cpu())
 
@@ -82,6 +83,7 @@ def identity(d_sae: int) -> Ordering:
 
 
 def invert(perm: Tensor) -> Tensor:
+    """[n] inverse of a [n] permutation: inv[perm[j]] = j."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
