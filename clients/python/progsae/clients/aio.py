@@ -13,7 +13,7 @@ from progsae.v1 import progsae_pb2 as pb
 from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 from . import types as t
-from .client import RETRYABLE, ClientConfig, make_channel, metadata, status_of
+from .client import RETRYABLE, ClientConfig, Diverged, Replay, make_channel, metadata, status_of
 from .types import ProgsaeError
 
 
@@ -81,24 +81,27 @@ class AsyncClient:
         """Async iterator of rungs; pass `result` to receive the header facts and stop reason."""
         req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype)
         result = result if result is not None else t.StreamResult()
-        cfg, delay, received = self.config, self.config.backoff, False
+        cfg, delay, replay = self.config, self.config.backoff, Replay(req)
+        failed: tuple[grpc.StatusCode, str] | None = None
         for attempt in range(cfg.retries + 1):
             t0 = time.perf_counter()
-            call = self.stub.StreamDecode(req, timeout=timeout or cfg.timeout,
+            call = self.stub.StreamDecode(replay.request(), timeout=timeout or cfg.timeout,
                                           metadata=metadata(cfg, model, timeout))
             try:
                 async for msg in call:
-                    received = True
-                    rung = t.absorb(msg, result, 1e3 * (time.perf_counter() - t0))
+                    rung = replay.absorb(msg, result, 1e3 * (time.perf_counter() - t0))
                     if rung is not None:
                         yield rung
                 return
             except grpc.aio.AioRpcError as e:
-                code, details = status_of(e)
-                if code in RETRYABLE and not received and attempt < cfg.retries:
+                code, details = failed = status_of(e)
+                if code in RETRYABLE and attempt < cfg.retries:
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
                 raise ProgsaeError(code, details, "StreamDecode") from None
+            except Diverged as d:
+                code, details = failed or (grpc.StatusCode.INTERNAL, "")
+                raise ProgsaeError(code, f"{details} (not resumed: {d})", "StreamDecode") from None
             finally:
                 call.cancel()

@@ -7,13 +7,16 @@
         for rung in c.stream(x, model="topk", target_fvu=0.2):
             print(rung.g, rung.mean_l0, rung.fvu)
 
-Every call has a deadline (`timeout`), is retried on UNAVAILABLE with exponential backoff
-(streams only before their first message), and raises `ProgsaeError` carrying the gRPC
-status code and the server's one-line message.
+Every call has a deadline (`timeout`), is retried on UNAVAILABLE with exponential backoff, and
+raises `ProgsaeError` carrying the gRPC status code and the server's one-line message. Every
+progsae RPC only reads, so a retry is safe; a stream interrupted after it delivered rungs (its
+replica or node died) is resumed: the retry replays it and the rungs already delivered are
+checked and skipped (`Replay`), so the caller sees each rung once, in order.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,17 +31,90 @@ from . import types as t
 from .types import ProgsaeError
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-_REPLICA_DIED = ("actor died", "actordiederror", "actorunavailableerror", "actor is unavailable")
+_REPLICA_LOST = re.compile(
+    r"actor ?died|actordiederror|actorunavailableerror|actor (?:\w+ )?is (?:temporarily )?unavailable"
+    r"|nodediederror|workercrashederror|localrayletdiederror|objectlosterror|ownerdiederror", re.IGNORECASE)
+"""Ray's words for a lost replica (its worker, its node, or a result it held)."""
 
 
 def status_of(e: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    """The call's status and one-line message. Ray Serve's proxy answers INTERNAL (with a multi-line
-    Ray message) when the replica serving the call dies; that is a transient UNAVAILABLE to us."""
+    """The call's status and one-line message. A stock Ray Serve gRPC proxy answers INTERNAL, with a
+    multi-line Ray message, when the replica serving the call or its node dies (progsae's proxy hook,
+    progsae.server.ray_proxy, answers UNAVAILABLE itself); that is a transient UNAVAILABLE to us."""
     code, details = e.code(), e.details() or ""
-    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(
-            m in details.lower() for m in _REPLICA_DIED):
-        return grpc.StatusCode.UNAVAILABLE, "the replica serving the call died (the service is replacing it)"
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and _REPLICA_LOST.search(details):
+        return grpc.StatusCode.UNAVAILABLE, "the replica serving the call was lost (the service is replacing it)"
     return code, " ".join(details.split())
+
+
+class Diverged(Exception):
+    """A resumed stream did not replay what the interrupted one had delivered."""
+
+
+class Replay:
+    """One StreamDecode call across its attempts: what was delivered, so that an attempt after an
+    UNAVAILABLE part-way (a replica or node lost) resumes the stream instead of failing it.
+
+    StreamDecode only reads, and its messages are a function of the request and the checkpoint, so
+    the retry sends the same request (its `deadline_ms` budget less the time already spent) and this
+    drops what the caller already has: the header must match the first one byte for byte (model,
+    tokens, ladder, payload, the server's codes), each replayed rung must have the granularity and
+    mean L0 delivered before, and the first new rung must follow the last delivered one. Anything else
+    raises `Diverged` and the caller gets the original error. If the shortened budget ends the retry
+    before the last delivered rung, the result keeps the rungs delivered.
+    """
+
+    def __init__(self, request: pb.StreamDecodeRequest):
+        self.first = request
+        self.t0 = time.perf_counter()
+        self.header: bytes | None = None
+        self.delivered: list[tuple[int, float]] = []
+        """(g, mean_l0) of every rung handed to the caller, by index."""
+        self.last_fvu: float | None = None
+        self._fresh = True
+
+    @property
+    def resuming(self) -> bool:
+        return self.header is not None or bool(self.delivered)
+
+    def request(self) -> pb.StreamDecodeRequest:
+        """The request of the next attempt."""
+        self._fresh = True
+        if not self.resuming or self.first.budget.deadline_ms <= 0:
+            return self.first
+        req = pb.StreamDecodeRequest()
+        req.CopyFrom(self.first)
+        spent = int(1e3 * (time.perf_counter() - self.t0))
+        req.budget.deadline_ms = max(1, self.first.budget.deadline_ms - spent)
+        return req
+
+    def absorb(self, msg: pb.StreamDecodeResponse, result: t.StreamResult, client_ms: float) -> t.Rung | None:
+        """Update `result` from msg; the rung to hand to the caller, or None (none, or already delivered)."""
+        fresh, self._fresh = self._fresh, False
+        if msg.HasField("header"):
+            header = msg.header.SerializeToString(deterministic=True)
+            if self.header is None:
+                self.header = header
+            elif header != self.header:
+                raise Diverged("the resumed stream's header differs")
+        elif fresh and self.header is not None:
+            raise Diverged("the resumed stream sent no header")
+        rung = t.absorb(msg, result, client_ms)
+        if rung is not None:
+            n = len(self.delivered)
+            if rung.index < n:
+                if self.delivered[rung.index] != (rung.g, rung.mean_l0):
+                    raise Diverged(f"the resumed stream's rung {rung.index} differs")
+                rung = None
+            elif rung.index == n:
+                self.delivered.append((rung.g, rung.mean_l0))
+                self.last_fvu = rung.fvu
+            else:
+                raise Diverged(f"the resumed stream skipped to rung {rung.index} after {n}")
+        if msg.HasField("end") and result.rungs < len(self.delivered):
+            result.rungs, result.final_g = len(self.delivered), self.delivered[-1][0]
+            result.final_fvu = self.last_fvu
+        return rung
 
 
 @dataclass(frozen=True)
@@ -183,6 +259,8 @@ class Stream:
         self.client, self.request, self.model = client, request, model
         self.timeout = timeout or client.config.timeout
         self.result = t.StreamResult()
+        self.resumed = 0
+        """How many times the stream was resumed after it was cut part-way (UNAVAILABLE after rungs)."""
         self._call = None
 
     def __enter__(self) -> Stream:
@@ -197,24 +275,29 @@ class Stream:
 
     def __iter__(self) -> Iterator[t.Rung]:
         cfg = self.client.config
-        delay, received = cfg.backoff, False
+        delay, replay = cfg.backoff, Replay(self.request)
+        failed: tuple[grpc.StatusCode, str] | None = None
         for attempt in range(cfg.retries + 1):
             t0 = time.perf_counter()
-            self._call = self.client.stub.StreamDecode(self.request, timeout=self.timeout,
+            self.resumed += replay.resuming
+            self._call = self.client.stub.StreamDecode(replay.request(), timeout=self.timeout,
                                                        metadata=metadata(cfg, self.model, self.timeout))
             try:
                 for msg in self._call:
-                    received = True
-                    rung = t.absorb(msg, self.result, 1e3 * (time.perf_counter() - t0))
+                    rung = replay.absorb(msg, self.result, 1e3 * (time.perf_counter() - t0))
                     if rung is not None:
                         yield rung
                 return
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
                     return
-                code, details = status_of(e)
-                if code in RETRYABLE and not received and attempt < cfg.retries:
+                code, details = failed = status_of(e)
+                if code in RETRYABLE and attempt < cfg.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
                 raise ProgsaeError(code, details, "StreamDecode") from None
+            except Diverged as d:
+                self._call.cancel()
+                code, details = failed or (grpc.StatusCode.INTERNAL, "")
+                raise ProgsaeError(code, f"{details} (not resumed: {d})", "StreamDecode") from None
