@@ -156,10 +156,8 @@ def test_error_matrix(via, x):
         assert via.encode(x, model="topk").codes.tokens == 64, name  # same replica still serves
 
 
-# Client-side cancel is tested on the plain grpcio server (test_serve_service.py, test_faults.py).
-# Through Ray Serve's proxy the cancel is not reliably relayed to a replica that runs ahead of the
-# consumer (in 2 of 4 clean runs the replica finished all rungs first), so through Ray the
-# guarantee is the server-enforced deadline below, which stops compute at once.
+# A client's cancel through Ray (proxy and replica port) stopping compute within one rung is
+# tests/test_ray_cancel.py: a stock Serve proxy loses some cancels, progsae.server.ray_proxy relays them.
 
 
 def test_expired_deadline_stops_stream(via, x):

@@ -26,6 +26,7 @@ from . import text as textmod
 from .config import AppConfig
 from .errors import ServiceError, Status
 from .grpc_server import GrpcServerConfig, start_aio_server
+from .ray_proxy import LOST_REPLICA, is_lost_replica
 from .registry import Registry, RegistryConfig, ServedModel
 from .service import CodecService, ServiceConfig
 from .servicer import SERVICE_NAME, ProgsaeServicer, fail
@@ -33,7 +34,8 @@ from .stats import Stats
 from .text import TextActivations
 
 GRPC_SERVICER_FUNCTIONS = [
-    "progsae.v1.progsae_pb2_grpc.add_ProgsaeServicer_to_server",
+    # progsae.v1.Progsae, registered with progsae's fixes to Serve's gRPC proxy (server/ray_proxy.py)
+    "progsae.server.ray_proxy.add_ProgsaeServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
     "grpc_reflection.v1alpha.reflection_pb2_grpc.add_ServerReflectionServicer_to_server",
 ]
@@ -124,7 +126,12 @@ class Codec:
 
     async def _run_text(self, alias: str, layer: int, text: str, n: int) -> TextActivations:
         assert self.lm is not None
-        r = await self.lm.run.remote(alias, layer, text, n)
+        try:
+            r = await self.lm.run.remote(alias, layer, text, n)
+        except Exception as e:
+            if is_lost_replica(e):  # its replica or node died under the call: transient, like our own
+                raise ServiceError(Status.UNAVAILABLE, LOST_REPLICA.format(type(e).__name__)) from e
+            raise
         if r[0] == "error":
             raise ServiceError(Status(r[1]), r[2])
         return r[1]
