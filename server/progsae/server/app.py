@@ -78,10 +78,13 @@ class Codec:
         self.lm = lm if c.text else None
         self._token = auth.resolve_token(c.auth_token, c.auth_token_env)
         self.servicer = ProgsaeServicer(self.registry, self.service, token=self._token,
-                                        load=lambda spec: self._load(spec.id), encode=self._encode,
+                                        # Ray leaves serve.multiplexed's result unannotated (pyright misreads it)
+                                        load=lambda spec: self._load(spec.id),  # pyright: ignore[reportCallIssue]
+                                        encode=self._encode,
                                         text=self._run_text, text_enabled=self.lm is not None, loaded=self.loaded)
-        self._encode_batch.set_max_batch_size(c.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        # Ray's annotation of serve.batch leaves out the setters its wrapper has
+        self._encode_batch.set_max_batch_size(c.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue]
+        self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
         self._direct = None
         if c.direct_grpc_port:
             self._direct = await start_aio_server(
@@ -149,7 +152,10 @@ class Codec:
         # When Ray cancels the request (client gone, deadline passed) while the stream is parked at
         # `yield`, it is never resumed: close it from the task's end so it counts and computes no more.
         task = asyncio.current_task()
-        close = (lambda _t: asyncio.get_running_loop().create_task(stream.aclose())) if task else None
+
+        def close(_t: object) -> None:
+            asyncio.get_running_loop().create_task(stream.aclose())
+
         if task is not None:
             task.add_done_callback(close)
         try:

@@ -84,7 +84,7 @@ def add_ProgsaeServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: 
 
 def install() -> bool:
     """Patch the proxy module (once per process); False when this Ray's proxy lacks the hooks."""
-    proxy = sys.modules.get(PROXY_MODULE)
+    proxy: Any = sys.modules.get(PROXY_MODULE)  # Any: we set attributes the module does not declare
     if proxy is None:
         return False  # not in a Serve proxy process
     if getattr(proxy, "_progsae_installed", False):

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import grpc
 import numpy as np
@@ -157,7 +158,11 @@ def credentials(cfg: ClientConfig):
     return grpc.ssl_channel_credentials(root_certificates=ca)
 
 
-def make_channel(cfg: ClientConfig, aio: bool = False):
+@overload
+def make_channel(cfg: ClientConfig, aio: Literal[False] = False) -> grpc.Channel: ...
+@overload
+def make_channel(cfg: ClientConfig, aio: Literal[True]) -> grpc.aio.Channel: ...
+def make_channel(cfg: ClientConfig, aio: bool = False) -> grpc.Channel | grpc.aio.Channel:
     """A (grpc.aio when `aio`) channel to cfg.target: TLS when configured, else plaintext."""
     mod = grpc.aio if aio else grpc
     creds = credentials(cfg)
