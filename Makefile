@@ -31,6 +31,7 @@ typecheck: $(STAMP)
 	$(BIN)/pyright
 
 test: typecheck
+	$(BIN)/ruff check .
 	@# the dashboard's browser test drives Debian's chromium (never `playwright install`)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest
