@@ -286,16 +286,17 @@ def render_busy(busy: dict[str, dict[str, float]], m: int, args) -> str:
 
 
 NOTES = """
-What the numbers say: Ray Serve adds a fixed cost per call on this machine (a call with no compute,
-GetServerStats, takes 6-7 ms through the proxy against well under 1 ms in-process) plus a few ms to
-carry a 147 KB activation batch proxy -> replica and back (pickled between processes). Where
-compute dominates (M = 4608: a 15 ms encode) Ray Serve stays within the 2x target; with a small
-dictionary (M = 512: a 3 ms encode) the fixed cost dominates and the target is missed. Streaming
-costs one Ray message per rung (the header and end ride on the first and last rung), so the first
-rung arrives about as fast as a single DecodeAtGranularity. Throughput with 16 clients is bounded by
-the 2 cores that the client threads, the proxy, the replica and the controller share; the
-autoscaling config adds replicas where a cluster has cores for them. Not tried here: Serve's
-experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS), which skips the proxy hop.
+What the numbers say. One servicer serves every path, so the paths differ only in how a call reaches it.
+The codec replica's own grpc.aio port costs what the plain grpc.aio server costs (a stream's first rung,
+all rungs, DecodeAtGranularity within noise of 1.0x; Encode a little above, from the replica process's
+share of 2 cores), because it is that server, living in the replica that Serve starts, health-checks and
+scales. Serve's proxy stays 3-4x plain for streams and DecodeAtGranularity: every call and every rung is
+a Ray message proxy <-> replica (the proxy's own fixed cost per call is ~10 ms here). A busy replica keeps
+answering: torch work runs on a thread pool, so GetModel and small Encodes flow while a large Encode
+computes (the old code answered nothing until it finished: 14.7 s of a 16.7 s encode in the issue's
+measurement), and an Encode larger than batch_max_tokens runs outside the dynamic batch so a small call
+never waits for its matmul. Ray's own fast-path options, each measured side by side with the same paths
+in its own run, are in "Ray's fast paths" below.
 """
 
 
@@ -318,12 +319,14 @@ def render_header(args, sizes: list[int]) -> str:
         f"--tokens {args.tokens} --n {args.n} --clients {args.clients} --seconds {args.seconds}`",
         "",
         f"Machine: {os.cpu_count()}-core CPU ({cpu}), {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}, no GPU, shared with other jobs while it ran. Checkpoints: "
+        f"Python {platform.python_version()}, no GPU. Checkpoints: "
         f"synthetic TopK, d_in={args.d_in}, k={args.k}, M in {sizes} (served side by side), default 5-rung "
         f"ladder; {args.tokens} tokens per call. Direct call = the service layer in-process (validation, "
-        "codec, wire conversion); plain grpcio = the same service behind an in-process grpcio server; "
-        "Ray Serve gRPC = the app through Serve's gRPC proxy on a local 2-CPU Ray. All paths in one run, "
-        "measured round-robin call by call; torch uses 1 thread per process. Client-side wall time, ms.",
+        "codec, wire conversion, no transport); plain grpcio = the one servicer behind an in-process grpc.aio "
+        "server; Ray Serve proxy = the app through Serve's gRPC proxy on a local 2-CPU Ray; Ray replica port = "
+        "the same app's codec replica serving the servicer on its own grpc.aio port (`direct_grpc_port`). "
+        "All paths in one run, measured round-robin call by call; torch uses 1 thread per process. "
+        "Client-side wall time, ms.",
         "",
         "",
     ])

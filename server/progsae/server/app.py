@@ -85,6 +85,7 @@ class Codec:
         # Ray's annotation of serve.batch leaves out the setters its wrapper has
         self._encode_batch.set_max_batch_size(c.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue]
         self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
+        self._encodes_in_flight = 0
         self._direct = None
         if c.direct_grpc_port:
             self._direct = await start_aio_server(
@@ -119,9 +120,16 @@ class Codec:
 
     async def _encode(self, model: ServedModel, request: pb.EncodeRequest) -> pb.EncodeResponse:
         shape = request.activations.shape
-        if len(shape) == 2 and shape[0] > self.config.batch_max_tokens:
-            # Large calls run alone: batched with one, a small call would wait for it.
-            return await self.servicer.compute(self.service.encode, model, request)
+        large = len(shape) == 2 and shape[0] > self.config.batch_max_tokens
+        if large or not self._encodes_in_flight:
+            # Large calls run alone (batched with one, a small call would wait for it), and so does a call
+            # that finds no other Encode running: there is nothing to batch it with, and serve.batch's
+            # queue would only add its own latency. Calls that arrive while others run are batched.
+            self._encodes_in_flight += 1
+            try:
+                return await self.servicer.compute(self.service.encode, model, request)
+            finally:
+                self._encodes_in_flight -= 1
         out = await self._encode_batch((model, request))
         if isinstance(out, ServiceError):
             raise out
