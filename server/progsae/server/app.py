@@ -121,16 +121,18 @@ class Codec:
     async def _encode(self, model: ServedModel, request: pb.EncodeRequest) -> pb.EncodeResponse:
         shape = request.activations.shape
         large = len(shape) == 2 and shape[0] > self.config.batch_max_tokens
-        if large or not self._encodes_in_flight:
-            # Large calls run alone (batched with one, a small call would wait for it), and so does a call
-            # that finds no other Encode running: there is nothing to batch it with, and serve.batch's
-            # queue would only add its own latency. Calls that arrive while others run are batched.
-            self._encodes_in_flight += 1
-            try:
+        alone = large or not self._encodes_in_flight
+        self._encodes_in_flight += 1
+        try:
+            if alone:
+                # Large calls run alone (batched with one, a small call would wait for it), and so does a
+                # call that finds no other Encode running: there is nothing to batch it with, and
+                # serve.batch's queue would only add its own latency. Calls that arrive while others run
+                # are batched.
                 return await self.servicer.compute(self.service.encode, model, request)
-            finally:
-                self._encodes_in_flight -= 1
-        out = await self._encode_batch((model, request))
+            out = await self._encode_batch((model, request))
+        finally:
+            self._encodes_in_flight -= 1
         if isinstance(out, ServiceError):
             raise out
         return out

@@ -30,7 +30,6 @@ from . import auth
 from .errors import ServiceError, internal, invalid, unauthenticated
 
 if TYPE_CHECKING:
-    from .registry import ServedModel
     from .service import CodecService
     from .servicer import ProgsaeServicer
 
@@ -44,8 +43,6 @@ class _Replica(Protocol):
     service: CodecService
 
     def loaded(self) -> list[str]: ...
-
-    async def _encode(self, model: ServedModel, request: pb.EncodeRequest) -> pb.EncodeResponse: ...
 
 
 def _codec() -> _Replica:
@@ -154,9 +151,7 @@ async def encode(request: Request) -> Any:
                                activations=_tensor(body.get("activations"), "activations"))
         if body.get("prefix_granularity"):
             req.mode, req.granularity = pb.ENCODE_MODE_PREFIX, int(body["prefix_granularity"])
-        sv = c.servicer
-        with c.service.observe("http:encode", req.model_id):
-            resp = await c._encode(await sv.model(req.model_id, None), req)
+        resp = await c.servicer.Encode(req)
         return {"model_id": resp.model_id, "granularity": resp.granularity,
                 "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
     except Exception as e:  # noqa: BLE001
@@ -170,9 +165,7 @@ async def decode(request: Request) -> Any:
         body = await _body(request)
         req = pb.DecodeRequest(model_id=str(body.get("model_id", "")), codes=_codes_msg(body.get("codes")),
                                granularity=int(body.get("granularity", 0)))
-        sv = c.servicer
-        with c.service.observe("http:decode", req.model_id):
-            resp = await sv.compute(c.service.decode_at, await sv.model(req.model_id, None), req)
+        resp = await c.servicer.DecodeAtGranularity(req)
         return {"model_id": resp.model_id, "granularity": resp.granularity, "l0": list(resp.l0),
                 "reconstruction": convert.to_numpy(resp.reconstruction).tolist()}
     except Exception as e:  # noqa: BLE001
@@ -185,10 +178,8 @@ async def encode_text(request: Request) -> Any:
     try:
         body = await _body(request)
         mid = str(body.get("model_id", ""))
-        with c.service.observe("http:encode_text", mid):
-            resp = await c.servicer.EncodeText(
-                pb.EncodeTextRequest(model_id=mid, text=str(body.get("text", "")),
-                                     max_tokens=int(body.get("max_tokens", 0))))
+        resp = await c.servicer.EncodeText(pb.EncodeTextRequest(model_id=mid, text=str(body.get("text", "")),
+                                                                max_tokens=int(body.get("max_tokens", 0))))
         out = {"model_id": resp.model_id, "language_model": resp.language_model, "layer": resp.layer,
                "token_ids": list(resp.token_ids), "tokens": list(resp.tokens),
                "codes": _codes_json(convert.codes_to_arrays(resp.codes))}

@@ -152,6 +152,7 @@ class ProgsaeServicer:
 
     async def _unary(self, method: str, field: str, grpc_context: Any, body: Callable[[], Awaitable[Any]],
                      empty: Any) -> Any:
+        method = _label(method, grpc_context)
         try:
             with self.service.observe(method, field):
                 self.authorize(grpc_context)
@@ -208,7 +209,8 @@ class ProgsaeServicer:
         finally:
             if rungs is not None:
                 rungs.close()
-            self.service.stats.request("StreamDecode", status, request.model_id, time.perf_counter() - t0)
+            self.service.stats.request(_label("StreamDecode", grpc_context), status, request.model_id,
+                                       time.perf_counter() - t0)
 
     async def EncodeText(self, request: pb.EncodeTextRequest, grpc_context: Any = None) -> pb.EncodeTextResponse:
         async def body():
@@ -271,6 +273,11 @@ class ProgsaeServicer:
             # typeshed wants a context; grpc_reflection's servicer never reads it
             for resp in self.reflection.ServerReflectionInfo(iter([req]), None):  # pyright: ignore[reportArgumentType]
                 yield resp
+
+
+def _label(method: str, grpc_context: Any) -> str:
+    """The metrics label of a call: the RPC's name, `http:`-prefixed for the HTTP API (no gRPC context)."""
+    return method if grpc_context is not None else f"http:{method}"
 
 
 def _local_text(backend: TextBackend) -> TextRunner:
