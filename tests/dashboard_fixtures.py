@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progsae.sae import checkpoint, metrics
+from progsae.sae import checkpoint, feature_cards, metrics
 from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE
 from progsae.trainer import features
@@ -141,7 +141,7 @@ def build(root: Path, with_lm: bool = True) -> dict:
         path = checkpoint.save(root / name, sae, meta, ords, metrics=curves(sae, x, ords))
         cards = features.compute(sae, cache, features.FeatureConfig(top_n=4, window=6, promoted=8, progress=False),
                                  decode=lens.decode, lens=lens)
-        features.save(path, cards)
+        feature_cards.save(path, cards)
         out[name] = path
     return out
 

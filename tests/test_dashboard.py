@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from progsae.sae import checkpoint
+from progsae.sae import checkpoint, feature_cards
 from progsae.server import launch, testing
 from progsae.server.config import AppConfig
 from progsae.server.testing import free_port
 from progsae.server.validate import Limits
-from progsae.trainer import features
 from tests.dashboard_fixtures import LADDER
 from tests.dashboard_fixtures import build as build_fixtures
 
@@ -86,7 +85,7 @@ def test_overview(app):
 
 
 def test_feature_card_maps_served_index_to_trained_order(app):
-    cards = features.load(app["topk"])
+    cards = feature_cards.load(app["topk"])
     perm = checkpoint.read_orderings(app["topk"], 256)["mean_sq"].perm
     status, c = get_json(app, "/api/feature?model_id=topk@mean_sq&latent=0")
     assert status == 200 and c["served_index"] == 0 and c["latent"] == int(perm[0])

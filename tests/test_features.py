@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from progsae.cli import main
-from progsae.sae import checkpoint
+from progsae.sae import checkpoint, feature_cards
 from progsae.server import testing
 from progsae.trainer import features
 from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
@@ -76,12 +76,12 @@ def test_cards_match_brute_force(setup):
                 assert t["window_ids"][lat, 0, j] == toks[c, q]
                 assert abs(float(t["window_acts"][lat, 0, j]) - float(dense[c * per + q - 1, lat])) < 1e-5
             else:
-                assert t["window_ids"][lat, 0, j] == features.PAD
+                assert t["window_ids"][lat, 0, j] == feature_cards.PAD
         if want.numel() < 3:
-            assert t["top_context"][lat, want.numel()] == features.PAD
+            assert t["top_context"][lat, want.numel()] == feature_cards.PAD
     dead = torch.nonzero(fires.sum(0) == 0).flatten()
     if dead.numel():
-        assert (t["top_context"][dead] == features.PAD).all()
+        assert (t["top_context"][dead] == feature_cards.PAD).all()
     torch.testing.assert_close(t["promoted_logits"], sae.W_dec[:, :5].topk(3, dim=-1).values)
 
 
@@ -90,8 +90,8 @@ def test_save_load_card_and_staleness(setup, tmp_path):
     cache = ActivationCache(acts)
     cfg = features.FeatureConfig(top_n=2, window=3, progress=False)
     cards = features.compute(checkpoint.load(ck).sae, cache, cfg)
-    features.save(ck, cards)
-    back = features.load(ck)
+    feature_cards.save(ck, cards)
+    back = feature_cards.load(ck)
     assert not back.info["stale"] and back.info["vocab"]
     for k, v in cards.tensors.items():
         torch.testing.assert_close(back.tensors[k], v)
@@ -107,11 +107,11 @@ def test_save_load_card_and_staleness(setup, tmp_path):
     # the weights change -> the cards are flagged stale
     ck2 = tmp_path / "ck2"
     testing.make_checkpoint(ck2, d=D, m=M, k=K)
-    features.save(ck2, cards)
+    feature_cards.save(ck2, cards)
     testing.make_checkpoint(ck2, d=D, m=M, k=K, seed=7)
-    (ck2 / features.TENSORS).write_bytes((ck / features.TENSORS).read_bytes())
-    (ck2 / features.INFO).write_text((ck / features.INFO).read_text())
-    assert features.load(ck2).info["stale"]
+    (ck2 / feature_cards.TENSORS).write_bytes((ck / feature_cards.TENSORS).read_bytes())
+    (ck2 / feature_cards.INFO).write_text((ck / feature_cards.INFO).read_text())
+    assert feature_cards.load(ck2).info["stale"]
 
 
 def test_top_tracker_keeps_one_peak_per_context():
@@ -128,7 +128,7 @@ def test_cli(setup, capsys):
     assert main(["features", str(ck), "--activations", str(acts), "--top-n", "2", "--window", "1", "--no-lens",
                  "--tokens", "64"]) == 0
     assert "latents over" in capsys.readouterr().out
-    info = json.loads((ck / features.INFO).read_text())
+    info = json.loads((ck / feature_cards.INFO).read_text())
     assert info["top_n"] == 2 and info["window"] == 1 and info["tokens"] == 64
     assert info["outlier_factor"] == 10.0  # testing.make_checkpoint records no factor: the default
     assert main(["features", str(ck), "--activations", str(ck)]) == 2  # not a cache: one-line error
@@ -143,8 +143,8 @@ def test_cli_uses_the_outlier_factor_the_checkpoint_was_trained_with(setup, tmp_
     (mine / "cfg.json").write_text(json.dumps(cfg))
     args = ["features", str(mine), "--activations", str(acts), "--no-lens", "--top-n", "1", "--window", "0"]
     assert main(args) == 0
-    tight = json.loads((mine / features.INFO).read_text())
+    tight = json.loads((mine / feature_cards.INFO).read_text())
     assert tight["outlier_factor"] == 1.01 and tight["tokens"] < N_CTX * (CONTEXT - 1) * 0.8
     assert main([*args, "--outlier-factor", "0"]) == 0
-    every = json.loads((mine / features.INFO).read_text())
+    every = json.loads((mine / feature_cards.INFO).read_text())
     assert every["outlier_factor"] is None and every["tokens"] == N_CTX * (CONTEXT - 1)

@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: FeatureConfig, opts: FeaturesRun) -> int:
-    from progsae.sae import checkpoint
+    from progsae.sae import checkpoint, feature_cards
     from progsae.trainer import features, outliers
     from progsae.trainer.activations import ActivationCache
 
@@ -66,7 +66,7 @@ def run(cfg: FeatureConfig, opts: FeaturesRun) -> int:
             print(f"progsae features: warning: no logit lens / tokenizer ({e})", file=sys.stderr)
     sae = checkpoint.load(opts.checkpoint).sae
     cards = features.compute(sae, cache, cfg, decode=lens.decode if lens else None, lens=lens)
-    out = features.save(opts.checkpoint, cards)
+    out = feature_cards.save(opts.checkpoint, cards)
     d = cards.tensors["density"]
     print(f"{out}: {cards.d_sae} latents over {cards.info['tokens']} tokens; "
           f"{int((d == 0).sum())} never fire; median density {float(d.median()):.2e}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from progsae.sae import checkpoint
+from progsae.sae import checkpoint, feature_cards
 
 from .errors import ServiceError, invalid, not_found
 from .registry import Registry
@@ -55,12 +55,10 @@ class Dashboard:
                 meta = checkpoint.load_meta(spec.path)
             except (ServiceError, checkpoint.CheckpointError):
                 continue
-            from progsae.trainer import features
-
             out.append({"name": name, "default_model_id": spec.id, "architecture": meta.architecture,
                         "d_sae": meta.d_sae, "k": meta.k, "ladder": list(meta.granularities),
                         "language_model": meta.model, "layer": meta.layer,
-                        "features": features.exists(spec.path), "curves": curves(spec.path)})
+                        "features": feature_cards.exists(spec.path), "curves": curves(spec.path)})
         lim = {} if limits is None else {"max_text_chars": limits.max_text_chars,
                                          "max_text_tokens": limits.max_text_tokens}
         return {"checkpoints": out, "default_model_id": self.registry.default_id, "limits": lim}
@@ -92,18 +90,16 @@ class Dashboard:
         return self._perms[key]
 
     def _load_cards(self, path: Path, name: str):
-        from progsae.trainer import features
-
-        if not features.exists(path):
+        if not feature_cards.exists(path):
             raise not_found(f"no feature cards for {name!r}; run `progsae features {name} --activations DIR`")
-        mtime = (path / features.INFO).stat().st_mtime
+        mtime = (path / feature_cards.INFO).stat().st_mtime
         with self._lock:
             hit = self._cards.get(path)
             if hit is not None and hit[0] == mtime:
                 self._cards.move_to_end(path)
                 return hit[1]
         try:
-            cards = features.load(path)
+            cards = feature_cards.load(path)
         except (OSError, ValueError) as e:
             raise not_found(f"feature cards of {name!r} are unreadable: {e}") from None
         with self._lock:

@@ -13,36 +13,25 @@ O(tokens * d_sae):
      chunk's best (latent, context) peaks into a running [d_sae, top_n] top list (torch.topk);
   2. encode only the rows inside the winning windows, and read each latent's activation there.
 
-Stored beside the weights (both written atomically):
-  CKPT/features.safetensors  density, mean_act, max_act [M]; top_value [M, N]; top_context,
-                             top_position [M, N]; window_ids, window_acts [M, N, W];
-                             promoted_ids, promoted_logits [M, P]
-  CKPT/features.json         format, settings, provenance, and `vocab` {id: decoded string}
+Stored beside the weights as CKPT/features.safetensors + features.json: the format, and its
+save / load, are progsae.sae.feature_cards (the server reads cards without the trainer).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as st_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from progsae.sae.checkpoint import WEIGHTS, atomic_write
 from progsae.sae.codec import SAE
+from progsae.sae.feature_cards import FORMAT, PAD, FeatureCards
 
 from .activations import ActivationCache, CacheError
-
-FORMAT = "progsae-features/1"
-TENSORS, INFO = "features.safetensors", "features.json"
-PAD = -1
 
 Decode = Callable[[list[int]], list[str]]
 """Token ids -> one display string per id."""
@@ -68,42 +57,6 @@ class FeatureConfig:
     """Use only the cache's first contexts holding about this many tokens (0 = all)."""
     progress: bool = True
     """Show progress bars (stderr)."""
-
-
-@dataclass
-class FeatureCards:
-    """Every latent's card as arrays (see the module docstring), plus its string side."""
-
-    tensors: dict[str, Tensor]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.tensors["density"].shape[0])
-
-    def card(self, latent: int) -> dict[str, Any]:
-        """JSON-ready card of one latent (trained-order index)."""
-        if not 0 <= latent < self.d_sae:
-            raise IndexError(f"latent {latent} out of range 0..{self.d_sae - 1}")
-        t, vocab = self.tensors, self.info.get("vocab", {})
-        tok = lambda i: vocab.get(str(i), f"<{i}>")  # noqa: E731
-        contexts = []
-        for s in range(t["top_value"].shape[1]):
-            if int(t["top_context"][latent, s]) < 0:
-                break
-            ids, acts = t["window_ids"][latent, s].tolist(), t["window_acts"][latent, s].tolist()
-            keep = [j for j, i in enumerate(ids) if i != PAD]
-            contexts.append({
-                "value": round(float(t["top_value"][latent, s]), 5),
-                "context": int(t["top_context"][latent, s]), "position": int(t["top_position"][latent, s]),
-                "tokens": [tok(ids[j]) for j in keep], "acts": [round(acts[j], 4) for j in keep],
-                "peak": keep.index(self.info["window"]) if self.info["window"] in keep else 0,
-            })
-        promoted = [{"token": tok(int(i)), "logit": round(float(v), 4)}
-                    for i, v in zip(t["promoted_ids"][latent].tolist(), t["promoted_logits"][latent].tolist())
-                    if i != PAD]
-        return {"latent": latent, "density": float(t["density"][latent]), "mean": float(t["mean_act"][latent]),
-                "max": float(t["max_act"][latent]), "contexts": contexts, "promoted": promoted}
 
 
 # --- pass 1: statistics and running top-N ----------------------------------------------------
@@ -284,45 +237,3 @@ def promoted(W_dec: Tensor, lens: Lens | None, p: int, batch: int = 256) -> dict
             v, j = lens(W_dec[i:i + batch].float())
             logits[i:i + batch], ids[i:i + batch] = v.float(), j.int()
     return {"promoted_ids": ids, "promoted_logits": logits}
-
-
-# --- storage --------------------------------------------------------------------------------
-
-
-def weights_digest(checkpoint_dir: str | Path) -> str:
-    """The sha256 the checkpoint's weights file carries (cards record it to detect staleness)."""
-    f = Path(checkpoint_dir) / WEIGHTS
-    try:
-        with safe_open(f, framework="pt") as fh:
-            return (fh.metadata() or {}).get("progsae_sha256", "")
-    except Exception:  # noqa: BLE001
-        return ""
-
-
-def save(checkpoint_dir: str | Path, cards: FeatureCards) -> Path:
-    """Write features.safetensors then features.json (each atomically) into the checkpoint dir."""
-    path = Path(checkpoint_dir)
-    tensors = {k: v.contiguous() for k, v in cards.tensors.items()}
-    info = {**cards.info, "weights_sha256": weights_digest(path)}
-    atomic_write(path / TENSORS, st_save(tensors, metadata={"format": FORMAT}))
-    atomic_write(path / INFO, json.dumps(info, ensure_ascii=False, separators=(",", ":")))
-    return path / TENSORS
-
-
-def exists(checkpoint_dir: str | Path) -> bool:
-    return (Path(checkpoint_dir) / TENSORS).is_file() and (Path(checkpoint_dir) / INFO).is_file()
-
-
-def load(checkpoint_dir: str | Path) -> FeatureCards:
-    """Read the cards back (no pickle); `info["stale"]` is set if the weights changed since."""
-    path = Path(checkpoint_dir)
-    try:
-        info = json.loads((path / INFO).read_text())
-        with safe_open(path / TENSORS, framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{path}: no readable feature cards ({e}); run `progsae features`") from None
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path / INFO}: unsupported format {info.get('format')!r}")
-    info["stale"] = bool(info.get("weights_sha256")) and info["weights_sha256"] != weights_digest(path)
-    return FeatureCards(tensors, info)
