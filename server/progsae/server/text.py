@@ -1,4 +1,4 @@
-"""Text -> tokens -> activations at a checkpoint's layer, via the trainer's model loader.
+"""Text -> tokens -> activations at a checkpoint's layer, via the shared language-model loader (progsae.lm).
 
 Kept apart from the codec: in Ray Serve it runs in its own deployment (`LanguageModel`)
 so the LM and the SAE codec scale independently. Loaded LMs are cached per process.
@@ -34,7 +34,7 @@ class TextActivations:
 def _models():
     try:
         from progsae.lm import models
-    except ImportError as e:  # the trainer (and transformers) are optional for serving
+    except ImportError as e:  # transformers is optional for serving codes
         raise ServiceError(Status.UNIMPLEMENTED, f"text encoding unavailable: {e}") from None
     return models
 
