@@ -288,15 +288,15 @@ def render_busy(busy: dict[str, dict[str, float]], m: int, args) -> str:
 NOTES = """
 What the numbers say. One servicer serves every path, so the paths differ only in how a call reaches it.
 The codec replica's own grpc.aio port costs what the plain grpc.aio server costs (a stream's first rung,
-all rungs, DecodeAtGranularity within noise of 1.0x; Encode a little above, from the replica process's
-share of 2 cores), because it is that server, living in the replica that Serve starts, health-checks and
-scales. Serve's proxy stays 3-4x plain for streams and DecodeAtGranularity: every call and every rung is
-a Ray message proxy <-> replica (the proxy's own fixed cost per call is ~10 ms here). A busy replica keeps
-answering: torch work runs on a thread pool, so GetModel and small Encodes flow while a large Encode
-computes (the old code answered nothing until it finished: 14.7 s of a 16.7 s encode in the issue's
-measurement), and an Encode larger than batch_max_tokens runs outside the dynamic batch so a small call
-never waits for its matmul. Ray's own fast-path options, each measured side by side with the same paths
-in its own run, are in "Ray's fast paths" below.
+all rungs, DecodeAtGranularity and Encode within noise of 1.0x), because it is that server, living in
+the replica that Serve starts, health-checks and scales. Serve's proxy stays 3-4x plain for streams and
+DecodeAtGranularity: every call and every rung is a Ray message proxy <-> replica (the proxy's own fixed
+cost per call is ~10 ms here). A busy replica keeps answering: torch work runs on a thread pool, so
+GetModel and small Encodes flow while a large Encode computes (the old code answered nothing until it
+finished: 14.7 s of a 16.7 s encode in the issue's measurement), and an Encode larger than
+batch_max_tokens runs outside the dynamic batch so a small call never waits for its matmul. Ray's own
+fast-path options, each measured side by side with the same paths in its own run, are in "Ray's fast
+paths" below.
 """
 
 
