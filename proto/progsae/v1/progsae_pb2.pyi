@@ -20,6 +20,11 @@ class EncodeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODE_MODE_FULL: _ClassVar[EncodeMode]
     ENCODE_MODE_PREFIX: _ClassVar[EncodeMode]
 
+class StreamAxis(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_AXIS_G: _ClassVar[StreamAxis]
+    STREAM_AXIS_K: _ClassVar[StreamAxis]
+
 class PayloadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PAYLOAD_RECONSTRUCTION: _ClassVar[PayloadKind]
@@ -33,6 +38,8 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_MAX_GRANULARITY: _ClassVar[StopReason]
     STOP_REASON_DEADLINE: _ClassVar[StopReason]
     STOP_REASON_TARGET_FVU: _ClassVar[StopReason]
+    STOP_REASON_TOKEN_TARGET_FVU: _ClassVar[StopReason]
+    STOP_REASON_MAX_K: _ClassVar[StopReason]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -40,6 +47,8 @@ DTYPE_BFLOAT16: DType
 DTYPE_FLOAT64: DType
 ENCODE_MODE_FULL: EncodeMode
 ENCODE_MODE_PREFIX: EncodeMode
+STREAM_AXIS_G: StreamAxis
+STREAM_AXIS_K: StreamAxis
 PAYLOAD_RECONSTRUCTION: PayloadKind
 PAYLOAD_DELTA: PayloadKind
 PAYLOAD_NONE: PayloadKind
@@ -48,6 +57,8 @@ STOP_REASON_LADDER_DONE: StopReason
 STOP_REASON_MAX_GRANULARITY: StopReason
 STOP_REASON_DEADLINE: StopReason
 STOP_REASON_TARGET_FVU: StopReason
+STOP_REASON_TOKEN_TARGET_FVU: StopReason
+STOP_REASON_MAX_K: StopReason
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -136,17 +147,21 @@ class DecodeResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., granularity: _Optional[int] = ..., reconstruction: _Optional[_Union[Tensor, _Mapping]] = ..., l0: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("max_granularity", "deadline_ms", "target_fvu")
+    __slots__ = ("max_granularity", "deadline_ms", "target_fvu", "token_target_fvu", "max_k")
     MAX_GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FVU_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TARGET_FVU_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
     max_granularity: int
     deadline_ms: int
     target_fvu: float
-    def __init__(self, max_granularity: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., target_fvu: _Optional[float] = ...) -> None: ...
+    token_target_fvu: float
+    max_k: int
+    def __init__(self, max_granularity: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., target_fvu: _Optional[float] = ..., token_target_fvu: _Optional[float] = ..., max_k: _Optional[int] = ...) -> None: ...
 
 class StreamDecodeRequest(_message.Message):
-    __slots__ = ("model_id", "activations", "codes", "budget", "payload", "ladder", "output_dtype", "per_token_l0", "packed_codes")
+    __slots__ = ("model_id", "activations", "codes", "budget", "payload", "ladder", "output_dtype", "per_token_l0", "packed_codes", "axis", "k_ladder")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +171,8 @@ class StreamDecodeRequest(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PER_TOKEN_L0_FIELD_NUMBER: _ClassVar[int]
     PACKED_CODES_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    K_LADDER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     activations: Tensor
     codes: SparseCodes
@@ -165,10 +182,12 @@ class StreamDecodeRequest(_message.Message):
     output_dtype: DType
     per_token_l0: bool
     packed_codes: bool
-    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., ladder: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., per_token_l0: _Optional[bool] = ..., packed_codes: _Optional[bool] = ...) -> None: ...
+    axis: StreamAxis
+    k_ladder: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., ladder: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., per_token_l0: _Optional[bool] = ..., packed_codes: _Optional[bool] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Rung(_message.Message):
-    __slots__ = ("index", "g", "mean_l0", "l0", "tensor", "fvu", "elapsed_ms")
+    __slots__ = ("index", "g", "mean_l0", "l0", "tensor", "fvu", "elapsed_ms", "k", "tokens", "refining")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     G_FIELD_NUMBER: _ClassVar[int]
     MEAN_L0_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +195,9 @@ class Rung(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FVU_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFINING_FIELD_NUMBER: _ClassVar[int]
     index: int
     g: int
     mean_l0: float
@@ -183,21 +205,32 @@ class Rung(_message.Message):
     tensor: Tensor
     fvu: float
     elapsed_ms: float
-    def __init__(self, index: _Optional[int] = ..., g: _Optional[int] = ..., mean_l0: _Optional[float] = ..., l0: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+    k: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    refining: int
+    def __init__(self, index: _Optional[int] = ..., g: _Optional[int] = ..., mean_l0: _Optional[float] = ..., l0: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., k: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., refining: _Optional[int] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
-    __slots__ = ("stop_reason", "rungs", "final_g", "final_fvu", "elapsed_ms")
+    __slots__ = ("stop_reason", "rungs", "final_g", "final_fvu", "elapsed_ms", "final_k", "token_final_g", "token_final_k", "token_met")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     RUNGS_FIELD_NUMBER: _ClassVar[int]
     FINAL_G_FIELD_NUMBER: _ClassVar[int]
     FINAL_FVU_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_K_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FINAL_G_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FINAL_K_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_MET_FIELD_NUMBER: _ClassVar[int]
     stop_reason: StopReason
     rungs: int
     final_g: int
     final_fvu: float
     elapsed_ms: float
-    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., rungs: _Optional[int] = ..., final_g: _Optional[int] = ..., final_fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+    final_k: int
+    token_final_g: _containers.RepeatedScalarFieldContainer[int]
+    token_final_k: _containers.RepeatedScalarFieldContainer[int]
+    token_met: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., rungs: _Optional[int] = ..., final_g: _Optional[int] = ..., final_fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., final_k: _Optional[int] = ..., token_final_g: _Optional[_Iterable[int]] = ..., token_final_k: _Optional[_Iterable[int]] = ..., token_met: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StreamDecodeResponse(_message.Message):
     __slots__ = ("header", "rung", "end")
@@ -210,18 +243,22 @@ class StreamDecodeResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., rung: _Optional[_Union[Rung, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("model_id", "tokens", "ladder", "payload", "codes")
+    __slots__ = ("model_id", "tokens", "ladder", "payload", "codes", "axis", "k_ladder")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LADDER_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    K_LADDER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokens: int
     ladder: _containers.RepeatedScalarFieldContainer[int]
     payload: PayloadKind
     codes: SparseCodes
-    def __init__(self, model_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ...) -> None: ...
+    axis: StreamAxis
+    k_ladder: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeTextRequest(_message.Message):
     __slots__ = ("model_id", "text", "max_tokens", "packed_codes")
