@@ -14,6 +14,10 @@ Semantics (SPEC §3):
   * nested truncation: x_hat_G = sum over codes with index < G of z_i W_dec[i] + b_dec.
   * progressive stream: each rung adds only the codes with index in [G_prev, G).
   * prefix encode: a *different* code, top-k within the first G encoder columns only.
+  * bounded memory: encode works through the tokens in chunks whose [rows, M] pre-activations
+    take at most ``chunk_bytes`` (default ENCODE_CHUNK_BYTES); each token's code depends only
+    on its own row, so chunking changes no selection, only BLAS's summation blocking (values
+    agree to float rounding; see ``encode``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Activation = Literal["topk", "relu", "jumprelu"]
+
+ENCODE_CHUNK_BYTES = 64 * 2**20
+"""Default bound on one encode chunk's [rows, M] pre-activations, in bytes (64 MiB: 256 rows at
+M=65536 in float32). Peak extra memory of an encode is about 2x this for top-k (pre-activations
+plus top-k's workspace) and 3x for relu/jumprelu (plus the activations), whatever N is."""
 
 
 class Codes(NamedTuple):
@@ -114,23 +123,46 @@ class SAE:
     # --- encode -------------------------------------------------------------------------
 
     def pre_acts(self, x: Tensor, g: int | None = None) -> Tensor:
-        """Encoder pre-activations [N, g] (all M latents when g is None)."""
+        """Encoder pre-activations [N, g] (all M latents when g is None). Dense: N * g values."""
         g = self.d_sae if g is None else g
         x_in = x * self.scale - self.b_dec if self.scale != 1.0 else x - self.b_dec
         return torch.addmm(self.b_enc[:g], x_in, self.W_enc[:, :g])
 
-    def encode(self, x: Tensor) -> Codes:
-        """One selection over the full dictionary: [N, d_in] raw activations -> codes."""
-        return self._select(self.pre_acts(x), self.k)
+    def encode(self, x: Tensor, chunk_bytes: int = ENCODE_CHUNK_BYTES) -> Codes:
+        """One selection over the full dictionary: [N, d_in] raw activations -> codes.
 
-    def prefix_encode(self, x: Tensor, g: int) -> Codes:
+        Works through at most max(1, chunk_bytes // (M * itemsize)) tokens at a time, so the
+        dense [rows, M] pre-activations never exceed `chunk_bytes` however large N is. A
+        token's code is the same in any chunking up to float rounding: BLAS may block the
+        d_in-long dot products differently for a different row count, which moves values by
+        a few ulps (and can swap latents only at such near-ties).
+        """
+        return self._encode_chunked(x, self.d_sae, self.k, chunk_bytes)
+
+    def prefix_encode(self, x: Tensor, g: int, chunk_bytes: int = ENCODE_CHUNK_BYTES) -> Codes:
         """The cheap path: only the first g encoder columns, top-min(k, g) among them.
 
-        Costs g/M of a full encode. NOT nested truncation: latents that would have lost the
-        full top-k can win here, so decode(prefix_encode(x, g), g) != decode(encode(x), g).
+        Costs g/M of a full encode, chunked as `encode` is. NOT nested truncation: latents
+        that would have lost the full top-k can win here, so
+        decode(prefix_encode(x, g), g) != decode(encode(x), g).
         """
         _check_g(g, self.d_sae)
-        return self._select(self.pre_acts(x, g), min(self.k, g))
+        return self._encode_chunked(x, g, min(self.k, g), chunk_bytes)
+
+    def _encode_chunked(self, x: Tensor, g: int, k: int, chunk_bytes: int) -> Codes:
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        rows = max(1, chunk_bytes // (g * self.W_enc.element_size()))
+        n = x.shape[0]
+        if n <= rows:
+            return self._select(self.pre_acts(x, g), k)
+        parts = [self._select(self.pre_acts(x[i : i + rows], g), k) for i in range(0, n, rows)]
+        if self.activation != "topk":
+            # relu/jumprelu codes are as wide as the batch's busiest token: widen each
+            # chunk's codes to the widest chunk's with zero-valued entries.
+            width = max(p.indices.shape[1] for p in parts)
+            parts = [_widen(p, width) for p in parts]
+        return Codes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))
 
     def _select(self, pre: Tensor, k: int) -> Codes:
         if self.activation == "topk":
@@ -204,6 +236,19 @@ def sparse_sum(W_dec: Tensor, codes: Codes, keep: Tensor | None = None) -> Tenso
     return F.embedding_bag(
         flat_idx, W_dec, offsets, per_sample_weights=codes.values[keep].to(W_dec.dtype), mode="sum"
     )
+
+
+def _widen(codes: Codes, width: int) -> Codes:
+    """Codes padded to `width` per token with zero values at indices the token does not use
+    (the smallest free ones: a token with w codes has at least width - w free in [0, width))."""
+    n, w = codes.indices.shape
+    if w >= width:
+        return codes
+    used = torch.zeros(n, width + 1, dtype=torch.bool, device=codes.indices.device)
+    used.scatter_(1, codes.indices.clamp_max(width), True)  # column `width` collects the rest
+    free = torch.sort((~used[:, :width]).to(torch.uint8), dim=1, descending=True, stable=True).indices
+    pad = free[:, : width - w]
+    return Codes(torch.cat([codes.indices, pad], 1), torch.cat([codes.values, codes.values.new_zeros(n, width - w)], 1))
 
 
 def l0(codes: Codes, g: int) -> Tensor:
