@@ -1,0 +1,171 @@
+"""Properties of (G, k') decode and the per-token step stream (SPEC §3, progsae.sae.budgets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from progsae.sae.budgets import (
+    Step,
+    climb,
+    decode_at,
+    g_steps,
+    k_ladder,
+    k_steps,
+    select,
+    token_baseline,
+    value_rank,
+)
+from progsae.sae.codec import Codes
+from tests.conftest import random_sae
+
+dims = st.tuples(
+    st.integers(1, 16),  # d_in
+    st.integers(2, 64),  # d_sae
+    st.integers(0, 10_000),  # seed
+    st.integers(2, 10),  # batch
+    st.sampled_from([1.0, 0.37]),  # normalisation scale
+)
+
+
+def make(d, m, seed, n, scale, dtype=torch.float64):
+    k = max(1, min(m - 1, 1 + seed % 8))
+    sae = random_sae(d, m, k, seed, scale, dtype=dtype)
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype) * 3
+    return sae, x, sae.encode(x)
+
+
+def dense_reference(sae, codes: Codes, g: int, k: int | None) -> torch.Tensor:
+    """Float64 dense decode of, per token, the k largest values among codes with index < g."""
+    n = codes.indices.shape[0]
+    z = torch.zeros(n, sae.d_sae, dtype=torch.float64)
+    z.scatter_(1, codes.indices, codes.values.double())
+    z[:, g:] = 0
+    if k is not None and k < sae.d_sae:
+        # values are distinct almost surely; keep the k largest nonzero
+        thresh = z.topk(k, dim=1).values[:, -1:]
+        z = torch.where(z >= thresh, z, torch.zeros_like(z))
+    return (z @ sae.W_dec.double() + sae.b_dec.double()) / sae.scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(dims, st.data())
+def test_decode_at_g_k_matches_dense_reference(dims, data):
+    sae, _, codes = make(*dims)
+    g = data.draw(st.integers(1, sae.d_sae))
+    k = data.draw(st.integers(1, sae.k))
+    torch.testing.assert_close(decode_at(sae, codes, g, k), dense_reference(sae, codes, g, k), rtol=1e-10, atol=1e-10)
+    assert (select(codes, g, k).sum(1) <= k).all()
+    assert (select(codes, g, k).sum(1) == torch.clamp(select(codes, g).sum(1), max=k)).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(dims, st.data())
+def test_k_prime_k_equals_plain_decode_at_g(dims, data):
+    sae, _, codes = make(*dims)
+    g = data.draw(st.integers(1, sae.d_sae))
+    torch.testing.assert_close(decode_at(sae, codes, g, sae.k), sae.decode(codes, g), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decode_at(sae, codes, g, None), sae.decode(codes, g), rtol=1e-10, atol=1e-10)
+
+
+def test_ties_go_to_the_earlier_code():
+    codes = Codes(torch.tensor([[5, 2, 9, 1]]), torch.tensor([[1.0, 2.0, 2.0, 0.0]]))
+    assert value_rank(codes, 10).tolist() == [[2, 0, 1, 4]]  # the zero is inactive: never selected
+    assert value_rank(codes, 6).tolist() == [[1, 0, 4, 4]]  # index 9 is beyond G
+    assert select(codes, 10, 1).tolist() == [[False, True, False, False]]
+
+
+def test_default_k_ladder():
+    assert k_ladder(32) == (1, 2, 4, 8, 16, 32)
+    assert k_ladder(12) == (1, 2, 4, 8, 12)
+    assert k_ladder(1) == (1,)
+    with pytest.raises(ValueError):
+        k_ladder(0)
+
+
+def _ladder(data, top: int) -> list[int]:
+    return sorted(data.draw(st.sets(st.integers(1, top), min_size=1, max_size=6)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(dims, st.data())
+def test_incremental_steps_equal_direct_decode(dims, data):
+    """Every step of a G climb (with or without a k' cap) and of a k' climb equals the direct
+    (G, k') decode, in float64 and, within float tolerance, in float32."""
+    sae, x, codes = make(*dims)
+    cap = data.draw(st.one_of(st.none(), st.integers(1, sae.k)))
+    steps = g_steps(_ladder(data, sae.d_sae), cap)
+    if data.draw(st.booleans()):
+        steps = k_steps(data.draw(st.integers(1, sae.d_sae)), _ladder(data, sae.k))
+    n = x.shape[0]
+    for r in climb(sae, codes, steps, x):
+        assert r.tokens.tolist() == list(range(n)) and not r.done.any()
+        direct = decode_at(sae, codes, r.step.g, r.step.k)
+        torch.testing.assert_close(r.recon, direct, rtol=1e-10, atol=1e-10)
+        assert (r.l0 == select(codes, r.step.g, r.step.k).sum(1)).all()
+        assert r.err is not None
+        torch.testing.assert_close(r.err, (x - direct).square().sum(1) / token_baseline(x))
+    sae32, codes32 = sae.to(dtype=torch.float32), Codes(codes.indices, codes.values.float())
+    for r in climb(sae32, codes32, steps):
+        torch.testing.assert_close(r.recon, decode_at(sae32, codes32, r.step.g, r.step.k), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dims, st.data())
+def test_plain_g_climb_is_the_progressive_stream(dims, data):
+    sae, _, codes = make(*dims)
+    ladder = _ladder(data, sae.d_sae)
+    for a, b in zip(climb(sae, codes, g_steps(ladder)), sae.progressive(codes, ladder), strict=True):
+        assert a.step.g == b.g and a.step.k is None
+        assert b.recon is not None
+        torch.testing.assert_close(a.recon, b.recon, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a.delta, b.delta, rtol=1e-10, atol=1e-10)
+        assert (a.l0 == b.l0).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(dims, st.data())
+def test_per_token_stop(dims, data):
+    """A token stops at its first step with err <= target and is never computed again; no code
+    changes; its last reconstruction is the direct decode at its final (G, k')."""
+    sae, x, codes = make(*dims)
+    n = x.shape[0]
+    before = Codes(codes.indices.clone(), codes.values.clone())
+    cap = data.draw(st.one_of(st.none(), st.integers(1, sae.k)))
+    steps = g_steps(_ladder(data, sae.d_sae), cap)
+    if data.draw(st.booleans()):
+        steps = k_steps(data.draw(st.integers(1, sae.d_sae)), _ladder(data, sae.k))
+    target = data.draw(st.floats(0.05, 1.0))
+    baseline = token_baseline(x)
+    last: dict[int, tuple[Step, torch.Tensor]] = {}
+    met: set[int] = set()
+    expected = list(range(n))
+    for r in climb(sae, codes, steps, x, target):
+        assert r.tokens.tolist() == expected  # exactly the tokens not done before
+        assert r.err is not None
+        for j, tok in enumerate(r.tokens.tolist()):
+            direct = decode_at(sae, Codes(codes.indices[tok:tok + 1], codes.values[tok:tok + 1]), *r.step)
+            err = float((x[tok] - direct[0]).square().sum() / baseline[tok])
+            assert bool(r.done[j]) == (err <= target)
+            last[tok] = (r.step, r.recon[j])
+            if r.done[j]:
+                met.add(tok)
+        expected = [t for t in expected if t not in met]
+    assert set(last) == set(range(n))  # every token got at least its first step
+    for tok, (step, recon) in last.items():
+        one = Codes(codes.indices[tok:tok + 1], codes.values[tok:tok + 1])
+        torch.testing.assert_close(recon, decode_at(sae, one, step.g, step.k)[0], rtol=1e-10, atol=1e-10)
+        if tok not in met:
+            assert step == steps[-1]  # never met: finished at the last step
+    assert torch.equal(codes.indices, before.indices) and torch.equal(codes.values, before.values)
+
+
+def test_climb_rejects_bad_steps(sae):
+    codes = sae.encode(torch.randn(3, sae.d_in))
+    for steps in ([], [Step(0, None)], [Step(sae.d_sae + 1, None)], [Step(4, 0)]):
+        with pytest.raises(ValueError):
+            list(climb(sae, codes, steps))
+    with pytest.raises(ValueError, match="activations"):
+        list(climb(sae, codes, [Step(4, None)], None, 0.5))
