@@ -52,7 +52,7 @@ def naive_step(sae: TrainableSAE, opt: torch.optim.Optimizer, x: torch.Tensor, k
     sae.remove_parallel_grad()
     opt.step()
     sae.normalise_decoder()
-    return Output(loss, loss.detach()[None], loss.detach(), sel)
+    return Output(loss, loss.detach()[None], loss.detach(), sel, loss.detach()[None])
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:

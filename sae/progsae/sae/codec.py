@@ -256,6 +256,19 @@ def l0(codes: Codes, g: int) -> Tensor:
     return ((codes.indices < g) & (codes.values != 0)).sum(-1)
 
 
+def topk_prefix(codes: Codes, g: int, k_prime: int) -> Codes:
+    """The (G, k') code: of the codes with index < g, each token's k' largest values ([N, k'];
+    a token with fewer gets zero-valued entries, which are inactive). decode(topk_prefix(c, g,
+    k'), g) is the decode at (G, k'); with k' >= the codes' width it equals decode(c, g)."""
+    if k_prime < 1:
+        raise ValueError(f"k' must be positive, got {k_prime}")
+    keep = codes.indices < g
+    masked = torch.where(keep, codes.values, torch.full_like(codes.values, -1.0))
+    w = min(k_prime, codes.indices.shape[1])
+    top, pos = masked.topk(w, dim=-1)
+    return Codes(codes.indices.gather(1, pos), top.clamp_min(0))
+
+
 def default_ladder(d_sae: int, rungs: int = 5) -> tuple[int, ...]:
     """Geometric ladder ending at d_sae: d_sae/2^(rungs-1), ..., d_sae/2, d_sae."""
     return tuple(sorted({max(1, d_sae >> i) for i in range(rungs)}))

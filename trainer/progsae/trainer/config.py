@@ -40,6 +40,11 @@ class TrainConfig:
     group_weights: tuple[float, ...] = ()
     """Matryoshka weight w_j of the loss at G_j; normalised to sum 1. Empty: equal."""
 
+    k_ladder: tuple[int, ...] = ()
+    """Hierarchical top-k: k'_1 < ... < k'_n = k. The loss is the mean over k' of the loss of
+    decoding each token from its k' largest codes (at the full k: the arch's loss; below it: the
+    FVU at G = d_sae), so the model decodes well at every k'. Empty: k only."""
+
     tokens: int = 0
     """Training budget in tokens; 0 = one epoch of the cache. Rounded down to whole batches."""
 
@@ -96,6 +101,7 @@ class TrainConfig:
 
         self.granularities = tuple(int(g) for g in self.granularities) or default_ladder(self.d_sae)
         self.group_weights = tuple(float(w) for w in self.group_weights)
+        self.k_ladder = tuple(int(k) for k in self.k_ladder)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
     def validate(self) -> None:
@@ -122,6 +128,11 @@ class TrainConfig:
                 )
             if any(not math.isfinite(w) or w < 0 for w in self.group_weights) or sum(self.group_weights) <= 0:
                 raise ValueError("group weights must be finite, non-negative and not all zero")
+        if self.k_ladder:
+            if any(b <= a for a, b in zip(self.k_ladder, self.k_ladder[1:])) or self.k_ladder[0] < 1:
+                raise ValueError(f"--k-ladder must be strictly increasing positive ints, got {self.k_ladder}")
+            if self.k_ladder[-1] != self.k:
+                raise ValueError(f"the last --k-ladder entry must equal --k {self.k}, got {self.k_ladder[-1]}")
         for name in ("batch_size", "init_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -147,6 +158,10 @@ class TrainConfig:
     def loss_ladder(self) -> tuple[int, ...]:
         """Granularities that carry a loss term."""
         return self.granularities if self.arch == "matryoshka" else (self.d_sae,)
+
+    def loss_k_ladder(self) -> tuple[int, ...]:
+        """The k' that carry a loss term (empty when only k does)."""
+        return self.k_ladder if len(self.k_ladder) > 1 else ()
 
     def base_lr(self) -> float:
         return self.lr or 2e-4 / math.sqrt(self.d_sae / 2**14)
@@ -178,6 +193,10 @@ class TrainConfig:
             list(self.granularities), list(self.group_weights), list(self.betas),
         )
         d["outlier_factor"] = self.outlier_factor.factor
+        if self.k_ladder:
+            d["k_ladder"] = list(self.k_ladder)
+        else:  # recorded only when set: runs and checkpoints from before it compare equal
+            del d["k_ladder"]
         return d
 
     @classmethod

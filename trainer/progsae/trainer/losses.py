@@ -12,6 +12,21 @@ reconstructions come from the one top-k: each token's codes are grouped by band
 [G_{j-1}, G_j) so that a single embedding_bag gives every band's partial decode, and a
 running sum over bands gives every x_hat_{G_j} (`_PrefixSSE`, in place, one pass per rung).
 
+Hierarchical top-k (`k_ladder` k'_1 < ... < k'_n = k): the HierarchicalTopK objective of
+Balagansky et al. 2025 (arXiv 2505.24473), the mean over k' of the loss of decoding each token
+from its k' largest codes of the same one top-k (Gao et al.'s Multi-TopK is the two-rung case
+with other weights). The k' rungs are rank bands: each code's band is its rank within its token,
+and the same banded embedding_bag and `_PrefixSSE` give every x_hat at k'. With R(k) the
+reconstruction loss above at the full k,
+
+    loss = (R(k) + sum_{j<n} FVU(G = M, k'_j)) / n.
+
+TopK: R(k) = FVU(M, k), so this is exactly HierarchicalTopK's mean. Matryoshka: R(k) is the
+weighted prefix loss, so the G axis is trained at the full k and the k' axis at the full
+dictionary; the corners (G < M and k' < k together) get no term of their own (a full grid would
+cost n_G * n_k decodes per step) and are measured, not trained. With no ladder, or (k,), the
+loss is R(k), computed by the same operations as before.
+
 AuxK (Gao et al. 2024, SPEC §3): the top-k_aux dead latents reconstruct the detached
 residual e = x - x_hat_M of the full reconstruction, decoded without b_dec, as a
 normalised MSE ||e_hat - e||^2 / ||e - mean_batch(e)||^2 (Gao's `normalized_mse`), scaled
@@ -72,6 +87,9 @@ class Output(NamedTuple):
     """Detached AuxK normalised MSE (0 without dead latents)."""
     sel: Selection
     """The selected codes."""
+    fvus_k: Tensor
+    """[n_k] detached batch FVU at G = M from each token's k' largest codes, per k' of the k
+    ladder (without one: [1], the FVU at k)."""
 
 
 def _argsort_small(keys: Tensor) -> Tensor:
@@ -89,15 +107,43 @@ def band_partials(W_dec: Tensor, sel: Selection, ladder: tuple[int, ...]) -> Ten
     contiguous. W_dec's gradient is added sparsely from the selection's latent grouping
     (decoder_grad) when it has one.
     """
+    idx = sel.indices
+    if len(ladder) == 1:
+        return _banded_decode(W_dec, sel, None, 1)
+    inner = torch.tensor(ladder[:-1], dtype=idx.dtype, device=idx.device)
+    band = torch.bucketize(idx, inner, right=True).reshape(-1)  # G_{j-1} <= i < G_j -> j
+    return _banded_decode(W_dec, sel, band, len(ladder))
+
+
+def rank_bands(values: Tensor, k_ladder: tuple[int, ...]) -> Tensor:
+    """[B * k] band of each flat entry of values [B, k] by its rank within its token: band j
+    holds the ranks [k'_{j-1}, k'_j) of the ladder k'_1 < ... < k'_n = k (rank 0 = the largest
+    value; ties broken by position, as a stable sort)."""
+    b, k = values.shape
+    order = torch.sort(values.detach(), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(k, device=order.device).expand(b, k))
+    inner = torch.tensor(k_ladder[:-1], dtype=rank.dtype, device=rank.device)
+    return torch.bucketize(rank, inner, right=True).reshape(-1)
+
+
+def rank_partials(W_dec: Tensor, sel: Selection, k_ladder: tuple[int, ...]) -> Tensor:
+    """[n, B, d]: partial decode of each rank band of the k' ladder (see rank_bands), so that
+    the running sum over bands gives every token's decode from its k'_j largest codes."""
+    if len(k_ladder) == 1:
+        return _banded_decode(W_dec, sel, None, 1)
+    return _banded_decode(W_dec, sel, rank_bands(sel.values, k_ladder), len(k_ladder))
+
+
+def _banded_decode(W_dec: Tensor, sel: Selection, band: Tensor | None, n: int) -> Tensor:
+    """[n, B, d]: decode of each band's codes (band: [B * k] band per flat entry, None: one band)."""
     idx, vals = sel.indices, sel.values
-    b, k, n = idx.shape[0], idx.shape[1], len(ladder)
+    b, k = idx.shape[0], idx.shape[1]
     W = W_dec.detach() if sel.bags is not None else W_dec
     token = torch.arange(b * k, device=idx.device) // k
-    if n == 1:
+    if band is None:
         out, bag = F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"), token
     else:
-        inner = torch.tensor(ladder[:-1], dtype=idx.dtype, device=idx.device)
-        band = torch.bucketize(idx, inner, right=True).reshape(-1)  # G_{j-1} <= i < G_j -> j
         bag = band * b + token
         order = _argsort_small(band)
         offsets = torch.zeros(b * n, dtype=torch.long, device=idx.device)
@@ -193,25 +239,34 @@ def auxk_loss(W_dec: Tensor, sel: Selection, residual: Tensor) -> Tensor:
 
 def forward(sae: TrainableSAE, x: Tensor, k: int, ladder: tuple[int, ...], weights: Tensor,
             dead: Tensor | None = None, k_aux: int = 0, auxk_coef: float = 1 / 32,
-            encode: Callable[..., Selection] = topk_encode) -> Output:
-    """Loss of one batch x [B, d_in] (normalised scale). `dead`: int64 ids of dead latents."""
+            encode: Callable[..., Selection] = topk_encode, k_ladder: tuple[int, ...] = ()) -> Output:
+    """Loss of one batch x [B, d_in] (normalised scale). `dead`: int64 ids of dead latents.
+    `k_ladder` (k'_1 < ... < k'_n = k): also train the decode from each token's k' largest codes
+    (the module docstring's hierarchical top-k); empty or (k,): today's loss, computed as before."""
     x_in = x - sae.b_dec
     sel = encode(x_in, sae.W_enc, sae.b_enc, k, dead, k_aux)
     partials = band_partials(sae.W_dec, sel, ladder)
     sse, residual = prefix_sse(x_in, partials)
-    fvus = sse / total_variance(x)
+    tv = total_variance(x)
+    fvus = sse / tv
     loss = (weights * fvus).sum()
+    fvus_k = fvus[-1:].detach()
+    if len(k_ladder) > 1:
+        k_sse, _ = prefix_sse(x_in, rank_partials(sae.W_dec, sel, k_ladder)[:-1])
+        k_fvus = k_sse / tv
+        loss = (loss + k_fvus.sum()) / len(k_ladder)
+        fvus_k = torch.cat([k_fvus.detach(), fvus_k])
     aux = auxk_loss(sae.W_dec, sel, residual)
     if sel.aux_indices.shape[1]:
         loss = loss + auxk_coef * aux
-    return Output(loss, fvus.detach(), aux.detach(), sel)
+    return Output(loss, fvus.detach(), aux.detach(), sel, fvus_k)
 
 
 def optimizer_step(sae: TrainableSAE, opt: torch.optim.Optimizer, x: Tensor, k: int, ladder: tuple[int, ...],
                    weights: Tensor, dead: Tensor | None = None, k_aux: int = 0, auxk_coef: float = 1 / 32,
-                   encode: Callable[..., Selection] = topk_encode) -> Output:
+                   encode: Callable[..., Selection] = topk_encode, k_ladder: tuple[int, ...] = ()) -> Output:
     """forward, backward, parallel-gradient removal, Adam step, decoder renormalisation."""
-    out = forward(sae, x, k, ladder, weights, dead, k_aux, auxk_coef, encode)
+    out = forward(sae, x, k, ladder, weights, dead, k_aux, auxk_coef, encode, k_ladder)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.remove_parallel_grad()

@@ -7,7 +7,8 @@ parameters, Adam moments, dead-latent counters and RNG are restored, so the fina
 equal those of an uninterrupted run. At the end OUT is written with checkpoint.save, the
 log is copied to OUT/train_log.jsonl and OUT.training/ is removed.
 
-Each log line's `fvu` (and `fvu_rungs`) is the batch FVU the step's forward measured, before its
+Each log line's `fvu` (and `fvu_rungs`, and with a k ladder `fvu_k_rungs`: G = M at each k')
+is the batch FVU the step's forward measured, before its
 optimiser update. The last line also has `fvu_saved` (and `fvu_saved_rungs`): the float64 FVU
 (SPEC §5) of the weights after that step, i.e. the saved ones, on the same batch, so that
 decoding that batch through the saved checkpoint reproduces a logged number.
@@ -153,6 +154,8 @@ def _log_line(out: Any, step: int, tokens: int, tok_s: float, dead: float, lr: f
     }
     if len(fvus) > 1:
         rec["fvu_rungs"] = fvus
+    if out.fvus_k.shape[0] > 1:
+        rec["fvu_k_rungs"] = out.fvus_k.tolist()
     return rec
 
 
@@ -204,7 +207,7 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
         (sd / ts.LOG).write_text("")
     init_s = time.perf_counter() - t_init
     step, scale = meta.step, meta.scale
-    ladder, weights = cfg.loss_ladder(), torch.tensor(cfg.weights())
+    ladder, weights, k_ladder = cfg.loss_ladder(), torch.tensor(cfg.weights()), cfg.loss_k_ladder()
 
     from tqdm import tqdm
 
@@ -226,7 +229,8 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
             lr = cfg.lr_at(step, total_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            o = optimizer_step(sae, opt, x, cfg.k, ladder, weights, dead, k_aux, cfg.auxk_coef)
+            o = optimizer_step(sae, opt, x, cfg.k, ladder, weights, dead, k_aux, cfg.auxk_coef,
+                               k_ladder=k_ladder)
             if not torch.isfinite(o.loss):
                 raise RuntimeError(f"loss is {float(o.loss)} at step {step}; lower --lr (state kept in {sd})")
             tracker.update(o.sel.indices, o.sel.values, B)
@@ -286,6 +290,8 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
         "tokens_per_s": meta.tokens / meta.seconds if meta.seconds > 0 else None,
         "threads": torch.get_num_threads(),
     }
+    if cfg.loss_k_ladder():  # trained for decode at each k' (eval and serving read it here)
+        extra["k_ladder"] = list(cfg.k_ladder)
     layer = man.layer
     meta_ck = CheckpointMeta(
         architecture=cfg.arch, d_in=sae.d_in, d_sae=sae.d_sae, k=cfg.k, granularities=cfg.granularities,
