@@ -97,6 +97,28 @@ class ModelSpec:
 
 
 @dataclass
+class LoadedTokenizer:
+    """The text side of a model, loaded without its weights (a Ray harvest's driver only tokenizes)."""
+
+    tokenizer: Any
+    """Its tokenizer."""
+    alias: str
+    """Name recorded in artifacts."""
+    source: str
+    """Where the weights would be loaded from."""
+    d_model: int
+    """Residual width, from the model's config."""
+    start_token: str
+    """Token string that starts each context."""
+    start_token_id: int
+    """Its id."""
+    sep_token: str
+    """Token string inserted between packed documents."""
+    sep_token_id: int
+    """Its id."""
+
+
+@dataclass
 class LoadedModel:
     """A loaded model with the facts harvest and eval need."""
 
@@ -210,16 +232,38 @@ def convert_gguf(spec: ModelSpec) -> Path:
     return target
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL, start_token: str | None = None) -> LoadedTokenizer:
+    """The tokenizer and the start/separator tokens `load_model` would use, without the weights."""
+    spec = resolve_model(name)
+    return _load_tokenizer(spec, _source(spec), start_token)
+
+
+def _source(spec: ModelSpec) -> str:
+    return str(convert_gguf(spec)) if spec.packaged else spec.source
+
+
+def _load_tokenizer(spec: ModelSpec, source: str, start_token: str | None) -> LoadedTokenizer:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.model_max_length = 1 << 30  # we chunk ourselves; silence the length warning
+    start = start_token or spec.start_token or tok.bos_token or tok.eos_token
+    if start is None:
+        raise ValueError(f"model {spec.alias!r}: tokenizer has neither BOS nor EOS; pass a start token")
+    sep = spec.sep_token or tok.eos_token or start
+    start_id, sep_id = _token_id(tok, start, spec.alias), _token_id(tok, sep, spec.alias)
+    return LoadedTokenizer(tok, spec.alias, source, spec.d_model, start, start_id, sep, sep_id)
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", start_token: str | None = None) -> LoadedModel:
     """Load a model in fp32 for reading activations (converting a packaged GGUF on first use)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     spec = resolve_model(name)
-    source = str(convert_gguf(spec)) if spec.packaged else spec.source
-    tok = AutoTokenizer.from_pretrained(source)
-    tok.model_max_length = 1 << 30  # we chunk ourselves; silence the length warning
+    source = _source(spec)
+    t = _load_tokenizer(spec, source, start_token)
     # transformers wraps .to in functools.wraps, whose typeshed type does not bind self
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()  # pyright: ignore[reportArgumentType]
     model.requires_grad_(False)
@@ -227,12 +271,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", start_token: str 
     d_model, n_layers = int(cfg.hidden_size), len(decoder_layers(model))
     if spec.packaged and (d_model, n_layers) != (spec.d_model, spec.n_layers):
         raise ValueError(f"{source}: expected d_model/layers {spec.d_model}/{spec.n_layers}, got {d_model}/{n_layers}")
-    start = start_token or spec.start_token or tok.bos_token or tok.eos_token
-    if start is None:
-        raise ValueError(f"model {spec.alias!r}: tokenizer has neither BOS nor EOS; pass a start token")
-    sep = spec.sep_token or tok.eos_token or start
-    start_id, sep_id = _token_id(tok, start, spec.alias), _token_id(tok, sep, spec.alias)
-    return LoadedModel(model, tok, spec.alias, source, d_model, n_layers, start, start_id, sep, sep_id)
+    return LoadedModel(model, t.tokenizer, t.alias, source, d_model, n_layers, t.start_token, t.start_token_id,
+                       t.sep_token, t.sep_token_id)
 
 
 def _token_id(tok: Any, token: str, alias: str) -> int:

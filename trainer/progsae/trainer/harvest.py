@@ -15,6 +15,10 @@ point, rerunning the same command regenerates the same stream, skips the registe
 contexts and writes the rest: the final shards are byte-identical to an uninterrupted run.
 The manifest's `extra["timing"]` (tokens/s, seconds) is the only part that differs.
 For the same reason a finished cache grows in place when rerun with a larger `--tokens`.
+
+Where the passes run. `harvest` plans the shards, tokenizes and writes; a `Forward` turns each
+shard's contexts into activations with `shard_activations`: `Local` in this process, or
+`harvest_ray.RayForward` on Ray workers (one model copy each) for the same bytes.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from progsae.lm.models import LoadedModel
+    from progsae.lm.models import LoadedModel, LoadedTokenizer
     from progsae.trainer.activations import Manifest
 
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the cache's own size
@@ -74,11 +78,11 @@ class HarvestConfig:
     """Show a tqdm progress bar (stderr)."""
 
 
-def _tokens_of(lm: LoadedModel, texts: list[str]) -> list[list[int]]:
+def _tokens_of(lm: LoadedModel | LoadedTokenizer, texts: list[str]) -> list[list[int]]:
     return lm.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def corpus_contexts(lm: LoadedModel, docs: list[tuple[str, str]], context: int,
+def corpus_contexts(lm: LoadedModel | LoadedTokenizer, docs: list[tuple[str, str]], context: int,
                     chunk_docs: int = 32) -> Iterator[list[int]]:
     """One corpus's documents packed into [start] + (context - 1) tokens, separator between docs."""
     n = context - 1
@@ -189,30 +193,110 @@ class _Metrics:
             self.rate.set(rate)
 
 
-def _activations(lm: LoadedModel, ctx: np.ndarray, layer: int, batch: int) -> Iterator[np.ndarray]:
-    """Per batch, float32 [rows, d] for int32 contexts [n, context], start position dropped."""
+def shard_activations(lm: LoadedModel, ctx: np.ndarray, layer: int, batch: int,
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """float32 [n * (context - 1), d] of one shard's int32 contexts [n, context], start position dropped.
+
+    Batches are cut from the shard's start, so a shard's bytes do not depend on what ran before it
+    or where; `progress(rows)` is called after each batch."""
     import numpy as np
     import torch
 
     from progsae.lm.models import hidden_at_layer
 
+    device = next(lm.model.parameters()).device
+    parts = []
     for i in range(0, len(ctx), batch):
-        ids = torch.from_numpy(ctx[i:i + batch].astype(np.int64)).to(next(lm.model.parameters()).device)
+        ids = torch.from_numpy(ctx[i:i + batch].astype(np.int64)).to(device)
         h = hidden_at_layer(lm.model, ids, layer)[:, 1:, :]
-        yield h.reshape(-1, h.shape[-1]).float().cpu().numpy()
+        parts.append(h.reshape(-1, h.shape[-1]).float().cpu().numpy())
+        if progress is not None:
+            progress(len(parts[-1]))
+    return np.concatenate(parts)
 
 
-def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, log: Any = None) -> Manifest:
-    """Run (or resume, or confirm finished) a harvest; returns the final manifest."""
+class Forward(Protocol):
+    """Where a harvest's forward passes run: `Local` (this process) or `harvest_ray.RayForward`."""
+
+    default_threads: int
+    """torch threads of a new cache when `--threads` is not given."""
+
+    def open(self, threads: int, n_shards: int) -> LoadedModel | LoadedTokenizer:
+        """Get ready to run up to `n_shards` shards with `threads` torch threads per model copy;
+        -> what tokenizes the corpus (and records the start/separator tokens)."""
+        ...
+
+    def run(self, shards: Iterator[np.ndarray], progress: Callable[[int], None]
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(contexts, `shard_activations` of them) per shard, in the order of `shards`."""
+        ...
+
+    def close(self) -> None:
+        """Release what `open` took (also after an error)."""
+        ...
+
+
+class Local:
+    """The forward passes in this process, on `cfg.device` (on `lm` if given)."""
+
+    def __init__(self, cfg: HarvestConfig, lm: LoadedModel | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.lm, self.log = cfg, lm, log
+        self.default_threads = min(os.cpu_count() or 1, 8)
+
+    def open(self, threads: int, n_shards: int) -> LoadedModel:
+        import torch
+
+        from progsae.lm.models import load_model
+
+        torch.set_num_threads(threads)
+        if self.lm is None:
+            self.log(f"loading {self.cfg.model} ...")
+            self.lm = load_model(self.cfg.model, device=self.cfg.device, start_token=self.cfg.start_token)
+        elif self.cfg.start_token and self.cfg.start_token != self.lm.start_token:
+            raise ValueError(f"model was loaded with start token {self.lm.start_token!r}, "
+                             f"asked for {self.cfg.start_token!r}")
+        return self.lm
+
+    def run(self, shards: Iterator[np.ndarray], progress: Callable[[int], None]
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        assert self.lm is not None, "open() first"
+        for ctx in shards:
+            yield ctx, shard_activations(self.lm, ctx, self.cfg.layer, self.cfg.batch, progress)
+
+    def close(self) -> None:
+        pass
+
+
+def _shards(stream: Iterator[list[int]], n_contexts: int, per_shard: int, context: int) -> Iterator[np.ndarray]:
+    """The next `n_contexts` contexts of `stream` as int32 shards of `per_shard` (the last may be
+    short: the target or the corpus ends there)."""
     import itertools
 
     import numpy as np
-    import torch
 
-    from progsae.lm.models import load_model
+    while n_contexts > 0:
+        want = min(per_shard, n_contexts)
+        ctx = np.asarray(list(itertools.islice(stream, want)), dtype=np.int32).reshape(-1, context)
+        if len(ctx):
+            yield ctx
+        if len(ctx) < want:
+            return
+        n_contexts -= want
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, log: Callable[[str], None] | None = None,
+            forward: Forward | None = None) -> Manifest:
+    """Run (or resume, or confirm finished) a harvest; returns the final manifest. The forward
+    passes run in this process (on `lm` if given) unless `forward` runs them elsewhere."""
+    import itertools
+
     from progsae.trainer.activations import CacheWriter, Manifest
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or _stderr
     spec, names, docs = validate(cfg)
     out = Path(cfg.out)
     old = _existing_manifest(out)
@@ -225,63 +309,57 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, log: Any = None) 
     rows_per = cfg.context - 1
     done = 0 if old is None else old.n_tokens // rows_per
     _check_disk(out, (total - done) * rows_per, spec.d_model, total - done, cfg.context)
-    threads = cfg.threads or (old.extra.get("threads") if old else None) or min(os.cpu_count() or 1, 8)
-    torch.set_num_threads(int(threads))
-    if lm is None:
-        log(f"loading {spec.alias} ...")
-        lm = load_model(cfg.model, device=cfg.device, start_token=cfg.start_token)
-    elif cfg.start_token and cfg.start_token != lm.start_token:
-        raise ValueError(f"model was loaded with start token {lm.start_token!r}, asked for {cfg.start_token!r}")
-    manifest = Manifest(
-        model=lm.alias, layer=cfg.layer, d_model=lm.d_model, corpus=names, split=cfg.split,
-        context=cfg.context, target_tokens=cfg.tokens, bos=lm.start_token,
-        extra={
-            "seed": cfg.seed, "batch": cfg.batch, "shard_tokens": cfg.shard_tokens, "device": cfg.device,
-            "threads": int(threads),
-            "bos_id": lm.start_token_id, "separator": lm.sep_token, "separator_id": lm.sep_token_id,
-            "model_source": lm.source, "documents": {n: len(d) for n, d in docs.items()},
-            "tokens_rounding": "whole contexts: ceil(tokens / (context - 1)) * (context - 1) rows",
-        },
-    )
-    _clean_temp(out)
-    writer = CacheWriter(out, manifest)
-    done = writer.n_tokens // rows_per
-    if done:
-        log(f"{out}: resuming after {writer.n_tokens:,} tokens in {writer.n_shards} shards")
-    stream = interleave([corpus_contexts(lm, docs[n], cfg.context) for n in names])
-    stream = itertools.islice(stream, done, total)
-    metrics = _Metrics(cfg.metrics_port, total * rows_per)
-    from tqdm import tqdm
+    forward = forward or Local(cfg, lm, log)
+    threads = int(cfg.threads or (old.extra.get("threads") if old else None) or forward.default_threads)
+    try:
+        text = forward.open(threads, math.ceil((total - done) / per_shard))
+        manifest = Manifest(
+            model=text.alias, layer=cfg.layer, d_model=text.d_model, corpus=names, split=cfg.split,
+            context=cfg.context, target_tokens=cfg.tokens, bos=text.start_token,
+            extra={
+                "seed": cfg.seed, "batch": cfg.batch, "shard_tokens": cfg.shard_tokens, "device": cfg.device,
+                "threads": threads,
+                "bos_id": text.start_token_id, "separator": text.sep_token, "separator_id": text.sep_token_id,
+                "model_source": text.source, "documents": {n: len(d) for n, d in docs.items()},
+                "tokens_rounding": "whole contexts: ceil(tokens / (context - 1)) * (context - 1) rows",
+            },
+        )
+        _clean_temp(out)
+        writer = CacheWriter(out, manifest)
+        done = writer.n_tokens // rows_per
+        if done:
+            log(f"{out}: resuming after {writer.n_tokens:,} tokens in {writer.n_shards} shards")
+        stream = interleave([corpus_contexts(text, docs[n], cfg.context) for n in names])
+        stream = itertools.islice(stream, done, total)
+        metrics = _Metrics(cfg.metrics_port, total * rows_per)
+        from tqdm import tqdm
 
-    bar = tqdm(total=total * rows_per, initial=writer.n_tokens, unit="tok", unit_scale=True,
-               disable=not cfg.progress, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-               desc=f"harvest {lm.alias} L{cfg.layer} {cfg.split}")
-    t0, new_rows, exhausted = time.perf_counter(), 0, False
-    with bar:
-        while writer.n_tokens < total * rows_per:
-            want = min(per_shard, total - writer.n_tokens // rows_per)
-            ctx = np.asarray(list(itertools.islice(stream, want)), dtype=np.int32).reshape(-1, cfg.context)
-            if len(ctx):
-                parts = []
-                for acts in _activations(lm, ctx, cfg.layer, cfg.batch):
-                    parts.append(acts)
-                    new_rows += len(acts)
-                    bar.update(len(acts))
-                    metrics.update(writer.n_tokens + sum(map(len, parts)),
-                                   new_rows / max(time.perf_counter() - t0, 1e-9))
+        bar = tqdm(total=total * rows_per, initial=writer.n_tokens, unit="tok", unit_scale=True,
+                   disable=not cfg.progress, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                   desc=f"harvest {text.alias} L{cfg.layer} {cfg.split}")
+        t0, new_rows, start_rows = time.perf_counter(), 0, writer.n_tokens
+
+        def progress(rows: int) -> None:
+            nonlocal new_rows
+            new_rows += rows
+            bar.update(rows)
+            metrics.update(start_rows + new_rows, new_rows / max(time.perf_counter() - t0, 1e-9))
+
+        with bar:
+            for ctx, acts in forward.run(_shards(stream, total - done, per_shard, cfg.context), progress):
                 try:
-                    writer.add_shard(np.concatenate(parts), ctx)
+                    writer.add_shard(acts, ctx)
                 except OSError as e:  # e.g. the disk filled up after the up-front check
                     raise ValueError(
                         f"writing {out} failed ({e.strerror or e}); its {writer.n_tokens:,} tokens in whole shards "
                         "are kept: free space and rerun the same command to resume") from None
-            if len(ctx) < want:
-                exhausted = True
-                break
+    finally:
+        forward.close()
     seconds = time.perf_counter() - t0
     if writer.n_tokens == 0:
         _remove_empty(out)
         raise ValueError(f"corpus {','.join(names)} ({cfg.split}) yields no whole {cfg.context}-token context")
+    exhausted = writer.n_tokens < total * rows_per
     if exhausted:
         log(f"warning: corpus ran out at {writer.n_tokens:,} of {total * rows_per:,} tokens")
     rate = new_rows / seconds if seconds > 0 and new_rows else 0.0
