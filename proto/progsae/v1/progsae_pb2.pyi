@@ -123,16 +123,18 @@ class EncodeResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., normalisation: _Optional[_Union[Normalisation, _Mapping]] = ..., mode: _Optional[_Union[EncodeMode, str]] = ..., granularity: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model_id", "codes", "granularity", "output_dtype")
+    __slots__ = ("model_id", "codes", "granularity", "output_dtype", "max_k")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     codes: SparseCodes
     granularity: int
     output_dtype: DType
-    def __init__(self, model_id: _Optional[str] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., granularity: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    max_k: int
+    def __init__(self, model_id: _Optional[str] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., granularity: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., max_k: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("model_id", "granularity", "reconstruction", "l0")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from progsae.sae import metrics
+from progsae.sae import budgets, metrics
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
-from . import validate
+from . import budget_stream, validate
 from .errors import ServiceError, Status, internal, invalid
 from .registry import ModelCard, ServedModel
 from .stats import Stats
@@ -138,9 +138,14 @@ class CodecService:
         dtype = validate.out_dtype(req.output_dtype)
         codes = _to(validate.codes(req.codes, model, self.limits), model.device)
         validate.response_size(codes.indices.shape[0], model, dtype, self.limits)
+        k = validate.k_prime(req.max_k, model, "max_k") if req.HasField("max_k") else None
         with torch.inference_mode():
-            recon = model.sae.decode(codes, g)
-            l0 = ((codes.indices < g) & (codes.values != 0)).sum(-1)
+            if k is None:
+                recon = model.sae.decode(codes, g)
+                l0 = ((codes.indices < g) & (codes.values != 0)).sum(-1)
+            else:  # revision 3: decode at (G, k')
+                recon = budgets.decode_at(model.sae, codes, g, k)
+                l0 = budgets.select(codes, g, k).sum(-1)
         return pb.DecodeResponse(model_id=model.id, granularity=g,
                                  reconstruction=convert.from_numpy(_np(recon), dtype), l0=l0.tolist())
 
@@ -169,6 +174,9 @@ class CodecService:
         reason_name: str | None = None
         try:
             header = pb.StreamHeader(model_id=model.id, ladder=plan.ladder, payload=plan.payload)
+            if plan.k_ladder:
+                header.axis = pb.STREAM_AXIS_K
+                header.k_ladder.extend(plan.k_ladder)
             if plan.x is not None:
                 with torch.inference_mode():
                     codes = model.sae.encode(plan.x.to(model.device))
@@ -179,6 +187,10 @@ class CodecService:
             assert codes is not None
             header.tokens = codes.indices.shape[0]
             out = pb.StreamDecodeResponse(header=header)  # the header rides on the first message
+            if plan.steps is not None:  # a revision-3 budget (per-token target, k'); else revision 2's path
+                reason_name = yield from budget_stream.messages(model, plan, codes, out, cancelled, t0,
+                                                                lambda: self.stats.rung(model.id))
+                return
             reason, sent, last_g, last_fvu = None, 0, 0, None
             rungs = model.sae.progressive(codes, plan.ladder)
             last = len(plan.ladder) - 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from progsae.sae import budgets
 from progsae.sae.codec import Codes, check_ladder
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
@@ -88,6 +89,13 @@ def granularity(g: int, model: ServedModel, field: str = "granularity") -> int:
     return int(g)
 
 
+def k_prime(k: int, model: ServedModel, field: str = "budget.max_k") -> int:
+    """k' of a (G, k') decode, 1..k of the model."""
+    if not 1 <= k <= model.meta.k:
+        raise invalid(f"{field} k'={k} out of range 1..{model.meta.k} (k of model {model.id})")
+    return int(k)
+
+
 _ITEMSIZE: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT64: 8}
 
 
@@ -125,6 +133,24 @@ class StreamPlan:
     per_token_l0: bool
     packed_codes: bool
     """Send the header's codes in the packed form (revision 2)."""
+    token_target_fvu: float | None = None
+    """Per-token budget (revision 3): a token stops refining once its own relative error is <= this."""
+    max_k: int | None = None
+    """k' cap of every rung of a G climb (revision 3); None = nested truncation."""
+    k_ladder: tuple[int, ...] = ()
+    """STREAM_AXIS_K (revision 3): the k' rungs, at G = ladder[0], already cut at max_k; empty = a G climb."""
+    k_cut: bool = False
+    """True when max_k shortened the k' ladder (end reason MAX_K)."""
+
+    @property
+    def steps(self) -> tuple[budgets.Step, ...] | None:
+        """The (G, k') steps of a stream that uses a revision-3 budget; None for a plain G climb, which
+        takes the revision-2 path unchanged."""
+        if self.k_ladder:
+            return budgets.k_steps(self.ladder[0], self.k_ladder)
+        if self.token_target_fvu is not None or self.max_k is not None:
+            return budgets.g_steps(self.ladder, self.max_k)
+        return None
 
 
 def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits) -> StreamPlan:
@@ -175,4 +201,52 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits)
             assert c is not None  # `which` named one input
             n = c.indices.shape[0]
         response_size(n, model, dtype, limits, "a rung's tensor")
-    return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0, req.packed_codes)
+    token_target = _token_target(b, x)
+    max_k, k_ladder, k_cut = _k_budget(req, model, limits)
+    if k_ladder:
+        ladder, cut = (int(b.max_granularity) if b.HasField("max_granularity") else model.d_sae,), False
+    return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0, req.packed_codes,
+                      token_target, max_k, k_ladder, k_cut)
+
+
+def _token_target(b: pb.Budget, x: torch.Tensor | None) -> float | None:
+    if not b.HasField("token_target_fvu"):
+        return None
+    t = b.token_target_fvu
+    if not (math.isfinite(t) and 0 < t <= 1):
+        raise invalid(f"budget.token_target_fvu must be in (0, 1], got {t}")
+    if x is None:
+        raise invalid("budget.token_target_fvu needs activations as the input (each token's error is measured "
+                      "against them)")
+    if x.shape[0] < 2:
+        raise invalid("budget.token_target_fvu needs at least 2 tokens (the baseline is the mean over the tokens)")
+    return float(t)
+
+
+def _k_budget(req: pb.StreamDecodeRequest, model: ServedModel,
+              limits: Limits) -> tuple[int | None, tuple[int, ...], bool]:
+    """(max_k, the k' ladder of a STREAM_AXIS_K stream (empty for a G climb), whether max_k cut it)."""
+    k = int(model.meta.k)
+    max_k = k_prime(req.budget.max_k, model) if req.budget.HasField("max_k") else None
+    if req.axis == pb.STREAM_AXIS_G:
+        if req.k_ladder:
+            raise invalid("k_ladder is for axis STREAM_AXIS_K; a G stream climbs `ladder`")
+        return max_k, (), False
+    if req.axis != pb.STREAM_AXIS_K:
+        raise invalid(f"axis: unknown StreamAxis {req.axis}")
+    if req.ladder:
+        raise invalid("ladder is for axis STREAM_AXIS_G; a k' stream climbs k_ladder at one G "
+                      "(budget.max_granularity, or M)")
+    ks = tuple(int(v) for v in req.k_ladder) or budgets.k_ladder(k)
+    if len(ks) > limits.max_rungs:
+        raise exhausted(f"k_ladder: {len(ks)} rungs exceed the limit of {limits.max_rungs}")
+    prev = 0
+    for v in ks:
+        if not 1 <= v <= k:
+            raise invalid(f"k_ladder: k'={v} out of range 1..{k} (k of model {model.id})")
+        if v <= prev:
+            raise invalid(f"k_ladder: k' values must be strictly increasing, got {v} after {prev}")
+        prev = v
+    if max_k is not None and max_k < ks[-1]:
+        return max_k, tuple(v for v in ks if v < max_k) + (max_k,), True
+    return max_k, ks, False

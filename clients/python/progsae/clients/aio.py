@@ -61,10 +61,11 @@ class AsyncClient:
                      timeout: float | None = None) -> t.Encoded:
         return t.encoded(await self._call("Encode", t.encode_request(x, model, prefix_g, dtype), model, timeout))
 
-    async def decode_at(self, codes, g: int, model: str = "", timeout: float | None = None) -> t.Decoded:
+    async def decode_at(self, codes, g: int, model: str = "", timeout: float | None = None,
+                        max_k: int | None = None) -> t.Decoded:
         if isinstance(codes, t.Encoded) and not model:
             model = codes.model_id
-        req = pb.DecodeRequest(model_id=model, codes=t.codes_msg(codes), granularity=g)
+        req = pb.DecodeRequest(model_id=model, codes=t.codes_msg(codes), granularity=g, max_k=max_k)
         return t.decoded(await self._call("DecodeAtGranularity", req, model, timeout))
 
     async def encode_text(self, text: str, model: str = "", max_tokens: int = 0) -> t.TextEncoded:
@@ -77,9 +78,12 @@ class AsyncClient:
     async def stream(self, inputs, model: str = "", max_g: int | None = None, deadline_ms: int | None = None,
                      target_fvu: float | None = None, payload: str = "reconstruction", ladder: Sequence[int] = (),
                      per_token_l0: bool = False, dtype: str = "float32", timeout: float | None = None,
-                     result: t.StreamResult | None = None) -> AsyncIterator[t.Rung]:
-        """Async iterator of rungs; pass `result` to receive the header facts and stop reason."""
-        req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype)
+                     result: t.StreamResult | None = None, token_target_fvu: float | None = None,
+                     max_k: int | None = None, axis: str = "g", k_ladder: Sequence[int] = ()) -> AsyncIterator[t.Rung]:
+        """Async iterator of rungs; pass `result` to receive the header facts, stop reason and (per-token
+        budgets) each token's outcome. The budget arguments are `Client.stream`'s."""
+        req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype,
+                               token_target_fvu, max_k, axis, k_ladder)
         result = result if result is not None else t.StreamResult()
         cfg, delay, replay = self.config, self.config.backoff, Replay(req)
         failed: tuple[grpc.StatusCode, str] | None = None

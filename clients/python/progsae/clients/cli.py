@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .flags import Bound, Parser, add_dataclass
 
@@ -76,6 +76,14 @@ class StreamCall:
     """Server-side compute budget, ms."""
     target_fvu: float | None = None
     """Stop once FVU <= this."""
+    token_target_fvu: float | None = None
+    """Per-token budget: each token stops refining once its own relative error is <= this."""
+    max_k: int | None = None
+    """Decode each token from at most its k' largest codes (below G)."""
+    axis: Literal["g", "k"] = "g"
+    """Climb the granularity G, or k' (at G = --max-g, or M)."""
+    k_ladder: tuple[int, ...] = ()
+    """The k' rungs of --axis k (default 1,2,4,...,k)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,15 +194,24 @@ def run_stream(cfg: ClientConfig, inputs: Inputs, call: StreamCall) -> int:
         info = _call(lambda: c.model(inputs.model))
         x = _activations(inputs, info.d_in)
         s = c.stream(x, model=inputs.model, max_g=call.max_g, deadline_ms=call.deadline_ms,
-                     target_fvu=call.target_fvu, payload="none")
-        print(f"{'G':>8} {'L0':>7} {'FVU':>8} {'server ms':>10} {'client ms':>10}", flush=True)
+                     target_fvu=call.target_fvu, payload="none", token_target_fvu=call.token_target_fvu,
+                     max_k=call.max_k, axis=call.axis, k_ladder=call.k_ladder)
+        print(f"{'G':>8} {'k':>4} {'L0':>7} {'FVU':>8} {'refining':>8} {'server ms':>10} {'client ms':>10}",
+              flush=True)
 
         def show():
             for r in s:
                 fvu = f"{r.fvu:8.4f}" if r.fvu is not None else f"{'-':>8}"
-                print(f"{r.g:8d} {r.mean_l0:7.2f} {fvu} {r.elapsed_ms:10.2f} {r.client_ms:10.2f}", flush=True)
+                k = str(r.k) if r.k else "-"
+                refining = "-" if r.refining is None else str(r.refining)
+                print(f"{r.g:8d} {k:>4} {r.mean_l0:7.2f} {fvu} {refining:>8} {r.elapsed_ms:10.2f} "
+                      f"{r.client_ms:10.2f}", flush=True)
 
         _call(show)
         res = s.result
-    print(f"stop: {res.stop_reason} after {res.rungs} rungs (G={res.final_g}) in {res.elapsed_ms:.1f} ms")
+    k = f", k'={res.final_k}" if res.final_k else ""
+    print(f"stop: {res.stop_reason} after {res.rungs} rungs (G={res.final_g}{k}) in {res.elapsed_ms:.1f} ms")
+    if res.token_met is not None and res.token_final_g is not None:
+        print(f"tokens: {int(res.token_met.sum())}/{len(res.token_met)} met the per-token target; "
+              f"mean final G {res.token_final_g.mean():.1f}")
     return 0

@@ -110,6 +110,7 @@ class Replay:
             elif rung.index == n:
                 self.delivered.append((rung.g, rung.mean_l0))
                 self.last_fvu = rung.fvu
+                t.accumulate(result, rung)  # per-token rows, once per rung however often it is replayed
             else:
                 raise Diverged(f"the resumed stream skipped to rung {rung.index} after {n}")
         if msg.HasField("end") and result.rungs < len(self.delivered):
@@ -232,18 +233,28 @@ class Client:
         """[N, d_in] activations -> codes (full top-k; `prefix_g` for the cheap prefix encode)."""
         return t.encoded(self._call("Encode", t.encode_request(x, model, prefix_g, dtype), model, timeout))
 
-    def decode_at(self, codes, g: int, model: str = "", timeout: float | None = None) -> t.Decoded:
-        """Codes (an `Encoded`, CSR arrays or a padded (indices, values) pair) -> reconstruction at G."""
+    def decode_at(self, codes, g: int, model: str = "", timeout: float | None = None,
+                  max_k: int | None = None) -> t.Decoded:
+        """Codes (an `Encoded`, CSR arrays or a padded (indices, values) pair) -> reconstruction at G
+        (at (G, k') with `max_k`: each token's k' largest codes below G)."""
         if isinstance(codes, t.Encoded) and not model:
             model = codes.model_id
-        req = pb.DecodeRequest(model_id=model, codes=t.codes_msg(codes), granularity=g)
+        req = pb.DecodeRequest(model_id=model, codes=t.codes_msg(codes), granularity=g, max_k=max_k)
         return t.decoded(self._call("DecodeAtGranularity", req, model, timeout))
 
     def stream(self, inputs, model: str = "", max_g: int | None = None, deadline_ms: int | None = None,
                target_fvu: float | None = None, payload: str = "reconstruction", ladder: Sequence[int] = (),
-               per_token_l0: bool = False, dtype: str = "float32", timeout: float | None = None) -> Stream:
-        """Progressive decode of activations (np.ndarray) or codes under a budget: iterate for rungs."""
-        req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype)
+               per_token_l0: bool = False, dtype: str = "float32", timeout: float | None = None,
+               token_target_fvu: float | None = None, max_k: int | None = None, axis: str = "g",
+               k_ladder: Sequence[int] = ()) -> Stream:
+        """Progressive decode of activations (np.ndarray) or codes under a budget: iterate for rungs.
+
+        `token_target_fvu`: each token stops refining once its own relative error is <= it; after the
+        stream, `result.token_final_g`, `result.token_met` and (tensor payloads) `result.reconstruction`
+        hold each token's outcome. `max_k`: decode at (G, k'). `axis="k"`: climb k' up `k_ladder`
+        (default 1, 2, 4, ..., k) at G = `max_g` or M."""
+        req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype,
+                               token_target_fvu, max_k, axis, k_ladder)
         return Stream(self, req, model, timeout)
 
     def encode_text(self, text: str, model: str = "", max_tokens: int = 0) -> t.TextEncoded:

@@ -13,6 +13,7 @@ from progsae.v1 import progsae_pb2 as pb
 from progsae.v1.convert import SparseArrays
 
 PAYLOADS = {"reconstruction": pb.PAYLOAD_RECONSTRUCTION, "delta": pb.PAYLOAD_DELTA, "none": pb.PAYLOAD_NONE}
+AXES = {"g": pb.STREAM_AXIS_G, "k": pb.STREAM_AXIS_K}
 STOP_REASONS = convert.STOP_REASONS
 
 
@@ -63,6 +64,12 @@ class Rung:
     """Server time since the call started."""
     client_ms: float
     """Client time since the call was sent."""
+    k: int = 0
+    """k' of this rung, codes kept per token (0 = no k' cap)."""
+    tokens: np.ndarray | None = None
+    """Per-token budget: the tokens this rung computed, one row of `tensor` and `l0` each (None = all)."""
+    refining: int | None = None
+    """Per-token budget: tokens still refining after this rung."""
 
 
 @dataclass
@@ -77,6 +84,22 @@ class StreamResult:
     final_g: int = 0
     final_fvu: float | None = None
     elapsed_ms: float = 0.0
+    payload: int = pb.PAYLOAD_RECONSTRUCTION
+    tokens: int = 0
+    axis: str = "g"
+    """The axis climbed: "g", or "k" (k' at the one G `ladder[0]`, up `k_ladder`)."""
+    k_ladder: tuple[int, ...] = ()
+    final_k: int = 0
+    """k' of the last rung (0 = no k' cap)."""
+    token_final_g: np.ndarray | None = None
+    """Per-token budget: [N] each token's final G (where it met the target, else the last rung)."""
+    token_final_k: np.ndarray | None = None
+    """Per-token budget under a k' cap: [N] each token's final k'."""
+    token_met: np.ndarray | None = None
+    """Per-token budget: [N] bool, whether the token met the target."""
+    reconstruction: np.ndarray | None = None
+    """Per-token budget with a tensor payload: [N, d_in] each token's reconstruction at its latest rung
+    (after the end: its final one), assembled from the rungs' rows."""
 
 
 @dataclass(frozen=True)
@@ -144,9 +167,13 @@ def decoded(resp: pb.DecodeResponse) -> Decoded:
 
 
 def stream_request(inputs, model: str, max_g: int | None, deadline_ms: int | None, target_fvu: float | None,
-                   payload: str, ladder, per_token_l0: bool, dtype: str) -> pb.StreamDecodeRequest:
+                   payload: str, ladder, per_token_l0: bool, dtype: str, token_target_fvu: float | None = None,
+                   max_k: int | None = None, axis: str = "g", k_ladder=()) -> pb.StreamDecodeRequest:
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
     req = pb.StreamDecodeRequest(model_id=model, payload=PAYLOADS[payload], per_token_l0=per_token_l0,
-                                 ladder=list(ladder or ()), packed_codes=True)
+                                 ladder=list(ladder or ()), packed_codes=True, axis=AXES[axis],
+                                 k_ladder=list(k_ladder or ()))
     if isinstance(inputs, np.ndarray):
         req.activations.CopyFrom(convert.from_numpy(inputs, dtype))
     else:
@@ -157,6 +184,10 @@ def stream_request(inputs, model: str, max_g: int | None, deadline_ms: int | Non
         req.budget.deadline_ms = deadline_ms
     if target_fvu is not None:
         req.budget.target_fvu = target_fvu
+    if token_target_fvu is not None:
+        req.budget.token_target_fvu = token_target_fvu
+    if max_k is not None:
+        req.budget.max_k = max_k
     return req
 
 
@@ -166,18 +197,40 @@ def absorb(msg: pb.StreamDecodeResponse, result: StreamResult, client_ms: float)
         h = msg.header
         result.model_id, result.ladder = h.model_id, tuple(h.ladder)
         result.codes = convert.codes_to_arrays(h.codes) if h.HasField("codes") else None
+        result.payload, result.tokens = h.payload, h.tokens
+        result.axis, result.k_ladder = "k" if h.axis == pb.STREAM_AXIS_K else "g", tuple(h.k_ladder)
     rung = None
     if msg.HasField("rung"):
         r = msg.rung
         rung = Rung(r.index, r.g, r.mean_l0, np.array(r.l0, dtype=np.int64) if len(r.l0) else None,
                     convert.to_numpy(r.tensor) if r.HasField("tensor") else None,
-                    r.fvu if r.HasField("fvu") else None, r.elapsed_ms, client_ms)
+                    r.fvu if r.HasField("fvu") else None, r.elapsed_ms, client_ms, r.k,
+                    np.array(r.tokens, dtype=np.int64) if r.HasField("refining") else None,
+                    r.refining if r.HasField("refining") else None)
     if msg.HasField("end"):
         e = msg.end
         result.stop_reason = STOP_REASONS.get(e.stop_reason, str(e.stop_reason))
         result.rungs, result.final_g, result.elapsed_ms = e.rungs, e.final_g, e.elapsed_ms
         result.final_fvu = e.final_fvu if e.HasField("final_fvu") else None
+        result.final_k = e.final_k
+        if len(e.token_met):
+            result.token_final_g = np.array(e.token_final_g, dtype=np.int64)
+            result.token_final_k = np.array(e.token_final_k, dtype=np.int64) if len(e.token_final_k) else None
+            result.token_met = np.array(e.token_met, dtype=bool)
     return rung
+
+
+def accumulate(result: StreamResult, rung: Rung) -> None:
+    """Per-token streams: write a newly delivered rung's rows into `result.reconstruction` (a
+    reconstruction row replaces the token's, a delta row adds to it). Other streams: nothing."""
+    if rung.tokens is None or rung.tensor is None:
+        return
+    if result.reconstruction is None:
+        result.reconstruction = np.zeros((result.tokens, rung.tensor.shape[1]), dtype=rung.tensor.dtype)
+    if result.payload == pb.PAYLOAD_DELTA:
+        result.reconstruction[rung.tokens] += rung.tensor
+    else:
+        result.reconstruction[rung.tokens] = rung.tensor
 
 
 def text_encoded(resp: pb.EncodeTextResponse) -> TextEncoded:
