@@ -33,6 +33,13 @@ def test_models_encode_decode_stream(server, tmp_path, capsys):
     assert main([*t, "stream", "--npy", str(tmp_path / "x.npy"), "--target-fvu", "0.6"]) == 0
     out = capsys.readouterr().out
     assert "FVU" in out and "stop: target_fvu" in out
+    assert main([*t, "stream", "--npy", str(tmp_path / "x.npy"), "--token-target-fvu", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "refining" in out and "met the per-token target" in out
+    assert main([*t, "stream", "--npy", str(tmp_path / "x.npy"), "--axis", "k", "--k-ladder", "1,4",
+                 "--max-g", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "stop: ladder_done after 2 rungs (G=128, k'=4)" in out
 
 
 def test_errors_are_one_line(server, capsys):
