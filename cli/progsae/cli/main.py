@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from progsae.clients.flags import Parser
 
 COMMANDS = ("harvest", "train", "order", "eval", "features", "report", "serve", "client", "inspect", "demo",
-            "outliers")
+            "outliers", "interp")
 
 
 class UserError(Exception):
