@@ -37,11 +37,28 @@ def run(cfg: EvalConfig, opts: EvalRun) -> int:
     from progsae.trainer.evaluate import evaluate, format_table, save_result
 
     cfg.validate()
+    if cfg.k_grid:
+        from progsae.sae import checkpoint
+        from progsae.trainer.k_grid import check_k_grid
+
+        check_k_grid(cfg.k_grid, checkpoint.load_meta(opts.checkpoint).k)  # before the long pass
     if cfg.rsa_tokens < 1000:
         print(f"warning: RSA over {cfg.rsa_tokens} tokens; SPEC §5 asks for N >= 1000", flush=True)
     result = evaluate(opts.checkpoint, opts.activations, cfg)
     print(format_table(result))
+    grid = None
+    if cfg.k_grid:
+        from progsae.trainer.k_grid import evaluate_grid, format_grid
+
+        grid = evaluate_grid(opts.checkpoint, opts.activations, cfg.k_grid, ordering=cfg.ordering,
+                             batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, ce=cfg.ce,
+                             ce_contexts=cfg.ce_contexts, ce_batch=cfg.ce_batch, progress=cfg.progress)
+        print(format_grid(grid))
     if opts.write:
-        save_result(result, opts.checkpoint)
+        merged = save_result(result, opts.checkpoint)
+        if grid is not None:
+            from progsae.sae import checkpoint
+
+            checkpoint.write_metrics(opts.checkpoint, {**merged, "k_grid": grid.to_json()})
         print(f"wrote {opts.checkpoint}/metrics.json")
     return 0

@@ -63,6 +63,10 @@ class EvalConfig:
     """Evaluate only the first this many held-out rows (quick runs)."""
     seed: int = 0
     """Seed of the RSA sample."""
+    k_grid: tuple[int, ...] = ()
+    """Also evaluate the (G, k') grid at these k' (e.g. 4,8,16,32): FVU, L0 (and with --ce CE
+    recovered) decoding each token from its k' largest codes with index < G (k_grid.py);
+    stored in metrics.json under k_grid. Empty: skip."""
     progress: bool = True
     """Show progress bars (stderr)."""
 

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from progsae.trainer.k_grid import KGridResult  # noqa: E402
 from progsae.trainer.report import STYLE, CheckpointInfo, Variant  # noqa: E402
 
 DPI = 110
@@ -177,8 +178,48 @@ def throughput_figure(infos: list[CheckpointInfo], out: Path) -> Path | None:
     return _save(fig, out, "train_throughput.png")
 
 
+def k_grid_figure(grids: list[tuple[str, KGridResult]], out: Path) -> Path | None:
+    """FVU against decode cost (mean active codes multiplied in) per checkpoint: G only (k' = k),
+    k' only (G = M), the best (G, k') path, and every grid point."""
+    if not grids:
+        return None
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 4.2), squeeze=False)
+    for ax, (name, r) in zip(axes[0], grids):
+        ax.scatter([p.l0 for p in r.points], [p.fvu for p in r.points], s=12, color="0.7", label="(G, k') grid")
+        for label, curve, st in (("G only (k' = k)", r.g_only(), ("C0", "o", "-")),
+                                 ("k' only (G = M)", r.k_only(), ("C2", "s", "--")),
+                                 ("best (G, k')", r.best(), ("k", "", "-"))):
+            c, m, ls = st
+            ax.step([p.l0 for p in curve], [p.fvu for p in curve], where="post", color=c, linestyle=ls,
+                    linewidth=1.2 if label.startswith("best") else 1.6)
+            ax.plot([p.l0 for p in curve], [p.fvu for p in curve], color=c, marker=m or None, linestyle="",
+                    label=label, markersize=5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("decode cost: mean active codes per token")
+        ax.set_ylabel("FVU")
+        trained = f"k ladder {r.k_ladder}" if r.k_ladder else "no k ladder"
+        ax.set_title(f"{name} ({trained})", fontsize=9)
+        ax.grid(alpha=0.3)
+        _log_plain(ax)
+        ax.legend(fontsize=7)
+    return _save(fig, out, "fvu_vs_cost_k_grid.png")
+
+
+def _k_grids(infos: list[CheckpointInfo]) -> list[tuple[str, KGridResult]]:
+    import json
+
+    out = []
+    for i in infos:
+        f = Path(i.path) / "metrics.json"
+        g = json.loads(f.read_text()).get("k_grid") if f.is_file() else None
+        if g:
+            out.append((i.name, KGridResult.from_json(g)))
+    return out
+
+
 def draw_all(variants: list[Variant], infos: list[CheckpointInfo], out: Path) -> list[tuple[str, Path]]:
     figs = [("FVU vs G", fvu_figure(variants, out)), ("CE loss recovered vs G", ce_figure(variants, out)),
             ("RSA vs G", rsa_figure(variants, out)), ("Importance curves", importance_figure(variants, out)),
-            ("Latent density", density_figure(infos, out)), ("Training throughput", throughput_figure(infos, out))]
+            ("Latent density", density_figure(infos, out)), ("Training throughput", throughput_figure(infos, out)),
+            ("FVU vs decode cost on the (G, k') grid", k_grid_figure(_k_grids(infos), out))]
     return [(t, f) for t, f in figs if f is not None]
