@@ -4,6 +4,11 @@
 
 All variants run interleaved in one process (round-robin per repeat) so machine noise hits
 them alike; we report medians and ratios of medians.
+
+Real sizes, bounded memory (issue 11): encode only, chunked (the default chunk_bytes) vs
+unchunked vs the bare matmul, then each case's peak RSS in a fresh subprocess:
+
+    .venv/bin/python bench/bench_codec.py --encode-only --peak-rss --d-in 2304 --d-sae 65536 --batch 6000
 """
 
 from __future__ import annotations
@@ -16,13 +21,98 @@ from collections.abc import Callable
 
 import torch
 
-from progsae.sae.codec import SAE
+from progsae.sae.codec import ENCODE_CHUNK_BYTES, SAE
+
+UNCHUNKED = 2**62  # chunk_bytes larger than any [N, M]: one chunk, the pre-chunking encode
 
 
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def make_sae(d: int, m: int, k: int, n: int) -> tuple[SAE, torch.Tensor]:
+    """A random unit-norm SAE with its normalisation folded in, as every loaded checkpoint has,
+    and N random tokens; built in place so setup holds little beyond the weights."""
+    torch.manual_seed(0)
+    W_dec = torch.randn(m, d)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    c = 1.3
+    W_enc = W_dec.T.contiguous().mul_(c)
+    W_dec /= c
+    sae = SAE(W_enc=W_enc, W_dec=W_dec, b_enc=torch.zeros(m), b_dec=torch.randn(d) * 0.1 / c, k=k)
+    return sae, torch.randn(n, d)
+
+
+def encode_cases(chunk_mib: list[float]) -> dict[str, Callable[[SAE, torch.Tensor], object]]:
+    cases: dict[str, Callable[[SAE, torch.Tensor], object]] = {
+        "bare addmm (x @ W_enc + b)": lambda s, x: torch.addmm(s.b_enc, x, s.W_enc),
+        f"encode, chunked ({ENCODE_CHUNK_BYTES / 2**20:g} MiB, default)": lambda s, x: s.encode(x),
+        "encode, unchunked": lambda s, x: s.encode(x, chunk_bytes=UNCHUNKED),
+    }
+    for mib in chunk_mib:
+        cases[f"encode, chunked ({mib:g} MiB)"] = lambda s, x, b=int(mib * 2**20): s.encode(x, chunk_bytes=b)
+    return cases
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def rss_case(sae: SAE, x: torch.Tensor, cases: dict[str, Callable[[SAE, torch.Tensor], object]],
+             name: str) -> None:
+    """Run one case once after a warm-up on one token; print baseline and peak RSS (MiB).
+    Linux: the peak (VmHWM) is reset after setup by writing 5 to /proc/self/clear_refs."""
+    fn = cases[name]
+    fn(sae, x[:1])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mib("VmRSS")
+    t0 = time.perf_counter()
+    fn(sae, x)
+    dt = time.perf_counter() - t0
+    print(f"RSS {base:.0f} {_status_mib('VmHWM'):.0f} {dt:.3f}")
+
+
+def encode_only(sae: SAE, x: torch.Tensor, args: argparse.Namespace) -> None:
+    import subprocess
+    import sys
+
+    n, m = x.shape[0], sae.d_sae
+    cases = encode_cases([])
+    for fn in cases.values():  # warm-up on a slice: the full call is the measured one
+        fn(sae, x[:512])
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(lambda fn=fn: fn(sae, x)))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}")
+    print(f"shapes: d_in={sae.d_in} d_sae={m} k={sae.k} batch={n}; chunk rows "
+          f"{max(1, ENCODE_CHUNK_BYTES // (m * 4))}; medians of {args.repeats}, interleaved\n")
+    print("| operation | median s | min s | max s | tokens/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t in med.items():
+        print(f"| {name} | {t:.2f} | {min(times[name]):.2f} | {max(times[name]):.2f} | {n / t:,.0f} |")
+    bare, chunked, whole = med.values()
+    print(f"\nencode (chunked) throughput / bare addmm throughput: {bare / chunked:.3f}x")
+    print(f"encode (unchunked) throughput / bare addmm throughput: {bare / whole:.3f}x")
+    print(f"chunked encode time / unchunked encode time: {chunked / whole:.3f}x")
+    if not args.peak_rss:
+        return
+    print("\nPeak RSS, one fresh process per case (weights + tokens are the baseline):\n")
+    print("| case | baseline MiB | peak MiB | extra MiB | [N, M] float32 MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for name in encode_cases(args.chunk_mib):
+        cmd = [sys.executable, __file__, "--rss-case", name, "--d-in", str(sae.d_in), "--d-sae", str(m),
+               "--k", str(sae.k), "--batch", str(n), "--chunk-mib", *map(str, args.chunk_mib)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        base, peak, _ = (float(v) for v in next(ln for ln in out.splitlines() if ln.startswith("RSS ")).split()[1:])
+        print(f"| {name} | {base:,.0f} | {peak:,.0f} | {peak - base:,.0f} | {n * m * 4 / 2**20:,.0f} |", flush=True)
 
 
 def main() -> None:
@@ -33,13 +123,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--rungs", type=int, default=6)
+    ap.add_argument("--encode-only", action="store_true",
+                    help="time only bare addmm, chunked encode and unchunked encode")
+    ap.add_argument("--peak-rss", action="store_true",
+                    help="then measure each encode case's peak RSS in its own subprocess")
+    ap.add_argument("--chunk-mib", type=float, nargs="*", default=[],
+                    help="extra chunk_bytes settings (MiB) for --peak-rss")
+    ap.add_argument("--rss-case", help=argparse.SUPPRESS)  # internal: one case, print peak RSS
     args = ap.parse_args()
-    torch.manual_seed(0)
     d, m, k, n = args.d_in, args.d_sae, args.k, args.batch
-    W_dec = torch.nn.functional.normalize(torch.randn(m, d), dim=1)
-    sae = SAE(W_enc=W_dec.T.contiguous(), W_dec=W_dec, b_enc=torch.zeros(m), b_dec=torch.randn(d) * 0.1, k=k, scale=1.3)
-    sae = sae.fold_scale()  # as loaded from a checkpoint: c folded into the weights
-    x = torch.randn(n, d)
+    sae, x = make_sae(d, m, k, n)
+    if args.rss_case is not None:
+        return rss_case(sae, x, encode_cases(args.chunk_mib), args.rss_case)
+    if args.encode_only:
+        return encode_only(sae, x, args)
     ladder = [m >> i for i in reversed(range(args.rungs))]
     codes = sae.encode(x)
     mask_dense = torch.zeros(n, m)
