@@ -113,6 +113,31 @@ def test_stop_reasons(via, x, kw, reason):
         assert len(rungs) < 4096
 
 
+def test_per_token_and_k_prime_budgets_through_the_proxy(app, client, x):
+    """One StreamDecode through Serve's gRPC proxy with a per-token target under a k' cap: each token's
+    final reconstruction is the direct (G, k') decode at its final G, the met flags hold."""
+    import torch
+
+    from progsae.sae.budgets import decode_at
+    from progsae.sae.codec import Codes
+
+    s = client.stream(x, model="mat", token_target_fvu=0.3, max_k=4, payload="delta")
+    rungs = list(s)
+    res = s.result
+    assert res.reconstruction is not None and res.token_final_g is not None and res.token_met is not None
+    assert res.codes is not None and res.token_final_k is not None and set(res.token_final_k) == {4}
+    assert {r.k for r in rungs} == {4} and rungs[-1].refining is not None
+    assert 0 < res.token_met.sum() < len(x) or res.stop_reason == "token_target_fvu"
+    sae = checkpoint.load(app["root"] / "mat").sae
+    codes = Codes(*(torch.from_numpy(a) for a in res.codes.padded()))
+    for g in np.unique(res.token_final_g):
+        rows = np.flatnonzero(res.token_final_g == g)
+        np.testing.assert_allclose(res.reconstruction[rows], decode_at(sae, codes, int(g), 4).numpy()[rows],
+                                   rtol=1e-4, atol=1e-4)
+    err = ((x - res.reconstruction) ** 2).sum(1) / ((x - x.mean(0)) ** 2).sum(1)
+    assert (err[res.token_met] <= 0.3 + 1e-6).all() and (res.token_final_g[~res.token_met] == 256).all()
+
+
 def test_multiplexing_two_checkpoints(client, x):
     a1 = client.encode(x, model="topk")
     b1 = client.encode(x, model="mat")
