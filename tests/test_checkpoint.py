@@ -95,8 +95,11 @@ def test_missing_and_inconsistent_cfg(tmp_path):
     cfg["progsae"]["d_sae"] = 64
     cfg["progsae"]["granularities"] = [32, 64]
     (path / ck.CFG).write_text(json.dumps(cfg))
+    expect_error(path, "cfg.json", "d_sae=32 contradicts", "d_sae=64")  # the SAELens field SAELens would run
+    cfg["d_sae"] = 64
+    (path / ck.CFG).write_text(json.dumps(cfg))
     expect_error(path, "W_enc", "(8, 32)", "(8, 64)")
-    cfg["progsae"]["d_sae"] = 32
+    cfg["progsae"]["d_sae"] = cfg["d_sae"] = 32
     cfg["progsae"]["granularities"] = [8, 4, 32]
     (path / ck.CFG).write_text(json.dumps(cfg))
     expect_error(path, "strictly increasing")
@@ -109,10 +112,28 @@ def test_bad_ordering_file(tmp_path):
     path, _ = write(tmp_path)
     bad = {"mean_sq.perm": torch.zeros(32, dtype=torch.int64), "mean_sq.scores": torch.zeros(32, dtype=torch.float64)}
     save_file(bad, str(path / ck.ORDERING))
-    expect_error(path, "ordering.safetensors", "bijection")
+    with pytest.raises(ck.CheckpointError, match="ordering.safetensors.*bijection"):
+        ck.load(path, ordering="mean_sq")
     (path / ck.ORDERING).unlink()
     with pytest.raises(ck.CheckpointError, match="no ordering 'freq'"):
         ck.load(path, ordering="freq")
+
+
+def test_damaged_ordering_file_blocks_only_the_orderings(tmp_path):
+    """A truncated ordering.safetensors: trained order still loads; asking for an ordering names the file."""
+    path, sae = write(tmp_path)
+    data = (path / ck.ORDERING).read_bytes()
+    (path / ck.ORDERING).write_bytes(data[: len(data) // 3])
+    plain = ck.load(path)
+    assert torch.equal(plain.sae.W_dec, sae.W_dec) and plain.orderings == {}
+    assert plain.orderings_error is not None and "ordering.safetensors" in plain.orderings_error
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load(path, ordering="mean_sq")
+    assert "ordering.safetensors" in str(e.value) and "unreadable" in str(e.value) and "\n" not in str(e.value)
+    acc = om.ImportanceAccumulator(sae)
+    acc.update(sae.encode(torch.randn(20, 8)))
+    ck.write_orderings(path, {"freq": acc.ordering("freq")})  # `progsae order` replaces the damaged file
+    assert set(ck.load(path, ordering="freq").orderings) == {"freq"}
 
 
 def write_saelens(dirpath: Path, arch: str, d=6, m=20, k=3, seed=0) -> dict[str, torch.Tensor]:

@@ -10,6 +10,11 @@ recorded in cfg), so SAELens users get correct outputs without knowing about c. 
 safetensors file we write carries a sha256 of its tensor bytes in its header metadata, so
 a corrupted file is caught on load. Every file is written to a temp name and renamed;
 `save` builds the whole directory aside and renames it into place.
+
+Foreign folders load too: SAELens checkpoints (every flag honoured exactly or refused, see
+progsae.sae.saelens_cfg) and EleutherAI sparsify ones (progsae.sae.sparsify_format). An
+unreadable ordering.safetensors does not stop a load in trained order; asking for one of its
+orderings names the damage.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from . import ordering as ordmod
+from . import saelens_cfg, sparsify_format
 from .codec import SAE, Activation, check_ladder, default_ladder
 from .ordering import Ordering
 
@@ -82,6 +90,8 @@ class Checkpoint:
     metrics: dict[str, Any]
     applied: str = "none"
     """Which ordering was applied to `sae` ("none" = original latent order)."""
+    orderings_error: str | None = None
+    """Why ordering.safetensors could not be read (then `orderings` is empty), else None."""
 
     @property
     def ladder(self) -> tuple[int, ...]:
@@ -130,25 +140,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 
 def _cfg_dict(meta: CheckpointMeta) -> dict[str, Any]:
-    saelens_arch = {"topk": "topk", "matryoshka": "topk", "relu": "standard", "jumprelu": "jumprelu"}
     ours = asdict(meta)
     ours["granularities"] = list(meta.granularities)
     ours["format_version"] = FORMAT_VERSION
-    return {
-        "architecture": saelens_arch[meta.architecture],
-        "d_in": meta.d_in,
-        "d_sae": meta.d_sae,
-        "k": meta.k,
-        "activation_fn_kwargs": {"k": meta.k},
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "model_name": meta.model,
-        "hook_name": meta.hook,
-        "hook_layer": meta.layer,
-        "progsae": ours,
-    }
+    sl = saelens_cfg.saelens_fields(meta.architecture, meta.d_in, meta.d_sae, meta.k, meta.model, meta.hook,
+                                    meta.layer)
+    return {**sl, "progsae": ours}
 
 
 def _weights(sae: SAE) -> dict[str, torch.Tensor]:
@@ -207,7 +204,11 @@ def _ordering_tensors(orderings: dict[str, Ordering]) -> dict[str, torch.Tensor]
 def write_orderings(path: str | Path, orderings: dict[str, Ordering]) -> None:
     """Add or replace orderings (merged with those already stored), atomically."""
     path = Path(path)
-    existing = read_orderings(path, _meta_from_cfg(_read_cfg(path), path).d_sae)
+    d_sae = load_meta(path).d_sae
+    try:
+        existing = read_orderings(path, d_sae)
+    except CheckpointError:
+        existing = {}  # an unreadable orderings file is replaced, not merged
     existing.update(orderings)
     atomic_write(path / ORDERING, _st_bytes(_ordering_tensors(existing)))
 
@@ -232,6 +233,10 @@ def _read_cfg(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a checkpoint directory")
     f = path / CFG
     if not f.is_file():
+        if layers := sparsify_format.hookpoint_folders(path):
+            more = ", ..." if len(layers) > 8 else ""
+            raise CheckpointError(f"{path}: a sparsify folder of {len(layers)} hookpoints; load one of them, "
+                                  f"e.g. {path / layers[0]} ({', '.join(layers[:8])}{more})")
         raise CheckpointError(f"{f}: missing")
     try:
         cfg = json.loads(f.read_text())
@@ -250,45 +255,70 @@ def _need(d: dict[str, Any], key: str, where: Path, typ: type | tuple[type, ...]
     return d[key]
 
 
-def _meta_from_cfg(cfg: dict[str, Any], path: Path) -> CheckpointMeta:
+class _Source(NamedTuple):
+    """Where a checkpoint's weights are and how they become progsae's (SAELens-layout) tensors."""
+
+    meta: CheckpointMeta
+    weights: Path
+    shapes: dict[str, tuple[int, ...]]
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _source(cfg: dict[str, Any], path: Path) -> _Source:
     where = path / CFG
-    ours = cfg.get("progsae")
-    if ours is not None:
-        if not isinstance(ours, dict):
-            raise CheckpointError(f"{where}: field 'progsae' must be an object")
-        ours = cast(dict[str, Any], ours)
-        if ours.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{where}: unsupported format_version {ours.get('format_version')!r}")
-        fields: dict[str, Any] = {k: ours[k] for k in CheckpointMeta.__dataclass_fields__ if k in ours}
-        for key, typ in (("architecture", str), ("d_in", int), ("d_sae", int), ("k", int), ("granularities", list)):
-            _need(ours, key, where, typ)
-        fields["granularities"] = tuple(ours["granularities"])
-        meta = CheckpointMeta(**fields)
-    else:  # a SAELens checkpoint
-        arch = cfg.get("architecture", "standard")
-        d_in = _need(cfg, "d_in", where, int)
-        d_sae = _need(cfg, "d_sae", where, int)
-        kind = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}.get(arch)
-        if kind is None:
-            raise CheckpointError(f"{where}: unsupported SAELens architecture {arch!r}")
-        norm = cfg.get("normalize_activations", "none")
-        if norm not in (None, "none"):
-            raise CheckpointError(
-                f"{where}: normalize_activations={norm!r} needs a scaling factor SAELens does not store"
-            )
-        fn_kwargs: dict[str, Any] = cfg.get("activation_fn_kwargs") or {}
-        k = cfg.get("k") or fn_kwargs.get("k")
-        if kind != "topk":
-            k = d_sae
-        elif not isinstance(k, int):
-            raise CheckpointError(f"{where}: topk SAE without an integer 'k'")
+    if "progsae" in cfg:
+        meta = _ours(cfg, where)
+        d, m = meta.d_in, meta.d_sae
+        shapes: dict[str, tuple[int, ...]] = {"W_enc": (d, m), "W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
+        if meta.architecture == "jumprelu":
+            shapes["threshold"] = (m,)
+        src = _Source(meta, path / WEIGHTS, shapes, _as_stored)
+    elif sparsify_format.is_sparsify(path):
+        sp = sparsify_format.parse(cfg, path)
+        meta = CheckpointMeta("topk", sp.d_in, sp.d_sae, sp.k, default_ladder(sp.d_sae), hook=sp.hook,
+                              extra={"source": "sparsify"})
+        src = _Source(meta, path / sparsify_format.WEIGHTS, sparsify_format.tensor_shapes(sp),
+                      sparsify_format.to_saelens_layout)
+    else:
+        sl = saelens_cfg.parse(cfg)
+        scale = saelens_cfg.read_scale(path) if sl.needs_scaler else 1.0
+        folds = {"apply_b_dec_to_input": sl.apply_b_dec_to_input,
+                 "rescale_acts_by_decoder_norm": sl.rescale_acts_by_decoder_norm}
         meta = CheckpointMeta(
-            architecture=kind, d_in=d_in, d_sae=d_sae, k=k,
-            granularities=default_ladder(d_sae), model=cfg.get("model_name"),
-            layer=cfg.get("hook_layer"), hook=cfg.get("hook_name"),
-            extra={"source": "saelens"},
+            sl.kind, sl.d_in, sl.d_sae, sl.k, sl.ladder or default_ladder(sl.d_sae), scale=scale, model=sl.model,
+            layer=sl.layer, hook=sl.hook, extra={"source": "saelens", "saelens_architecture": sl.source_arch, **folds},
         )
-    _check_meta(meta, path)
+        src = _Source(meta, path / WEIGHTS, saelens_cfg.tensor_shapes(sl), partial(saelens_cfg.fold, sl, scale=scale))
+    _check_meta(src.meta, path)
+    return src
+
+
+def _as_stored(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return t
+
+
+def _ours(cfg: dict[str, Any], where: Path) -> CheckpointMeta:
+    ours = cfg["progsae"]
+    if not isinstance(ours, dict):
+        raise CheckpointError(f"{where}: field 'progsae' must be an object")
+    ours = cast(dict[str, Any], ours)
+    if ours.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: unsupported format_version {ours.get('format_version')!r}")
+    fields: dict[str, Any] = {k: ours[k] for k in CheckpointMeta.__dataclass_fields__ if k in ours}
+    for key, typ in (("architecture", str), ("d_in", int), ("d_sae", int), ("k", int), ("granularities", list)):
+        _need(ours, key, where, typ)
+    fields["granularities"] = tuple(ours["granularities"])
+    meta = CheckpointMeta(**fields)
+    # the SAELens fields beside ours are what SAELens runs: they must say the same thing
+    agree = {"d_in": meta.d_in, "d_sae": meta.d_sae, "apply_b_dec_to_input": True}
+    if meta.architecture in ("topk", "matryoshka"):
+        agree.update(k=meta.k, rescale_acts_by_decoder_norm=False)
+    for key, want in agree.items():
+        if key in cfg and cfg[key] != want:
+            raise CheckpointError(f"{where}: {key}={cfg[key]!r} contradicts the checkpoint ({key}={want!r})")
+    if cfg.get("normalize_activations") not in (None, "none"):
+        raise CheckpointError(f"{where}: normalize_activations={cfg['normalize_activations']!r} contradicts "
+                              "the checkpoint (its scale is folded into the weights: 'none')")
     return meta
 
 
@@ -360,21 +390,28 @@ def read_orderings(path: Path, d_sae: int) -> dict[str, Ordering]:
 
 def load_meta(path: str | Path) -> CheckpointMeta:
     path = Path(path)
+    return _load_source(path).meta
+
+
+def _load_source(path: Path) -> _Source:
     cfg = _read_cfg(path)
     try:
-        return _meta_from_cfg(cfg, path)
+        return _source(cfg, path)
     except CheckpointError:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:  # a field of a wrong type/value
+    except ValueError as e:  # the foreign-format readers' one-line refusals
+        raise CheckpointError(f"{path / CFG}: {e}") from None
+    except (TypeError, KeyError, AttributeError, OverflowError) as e:  # a field of a wrong type/value
         raise CheckpointError(f"{path / CFG}: malformed field ({type(e).__name__}: {e})") from None
 
 
 def load(path: str | Path, ordering: str = "none", device: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate a checkpoint; apply the named ordering ("none" keeps trained order)."""
     path = Path(path)
-    meta = load_meta(path)
-    f = path / WEIGHTS
-    t = _read_tensors(f)
+    src = _load_source(path)
+    meta, f = src.meta, src.weights
+    raw = _read_tensors(f)
+    t = src.convert({name: _check_tensor(raw, name, shape, f) for name, shape in src.shapes.items()})
     d, m = meta.d_in, meta.d_sae
     sae = SAE(
         W_enc=_check_tensor(t, "W_enc", (d, m), f),
@@ -385,7 +422,13 @@ def load(path: str | Path, ordering: str = "none", device: str | torch.device = 
         activation=_ACTIVATION[meta.architecture],
         threshold=_check_tensor(t, "threshold", (m,), f) if meta.architecture == "jumprelu" else None,
     ).to(device)
-    orderings = read_orderings(path, m)
+    orderings_error = None
+    try:
+        orderings = read_orderings(path, m)
+    except CheckpointError as e:
+        if ordering != "none":
+            raise
+        orderings, orderings_error = {}, str(e)
     metrics: dict[str, Any] = {}
     if (path / METRICS).exists():
         try:
@@ -397,4 +440,4 @@ def load(path: str | Path, ordering: str = "none", device: str | torch.device = 
             have = ", ".join(orderings) or "none stored"
             raise CheckpointError(f"{path}: no ordering {ordering!r} ({have}); run `progsae order` first")
         sae = ordmod.apply(sae, orderings[ordering])
-    return Checkpoint(path, sae, meta, orderings, metrics, ordering)
+    return Checkpoint(path, sae, meta, orderings, metrics, ordering, orderings_error)
