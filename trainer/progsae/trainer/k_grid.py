@@ -25,6 +25,7 @@ from torch import Tensor
 
 from progsae.sae import checkpoint
 from progsae.sae.codec import SAE, Codes, topk_prefix
+from progsae.sae.ladders import area_under_steps
 from progsae.sae.metrics import FVUAccumulator
 
 
@@ -93,17 +94,11 @@ def fvu_at_cost(curve: list[GridPoint], cost: float) -> float:
 
 
 def area_under(curve: list[GridPoint], lo: float, hi: float, floor: float = 1.0) -> float:
-    """Mean FVU a budget drawn log-uniformly from [lo, hi] active codes buys: the area under the
-    step function cost -> fvu_at_cost(curve, cost) over log2(cost), divided by log2(hi / lo).
-    A budget below the curve's cheapest point buys nothing: FVU `floor` (1.0, decoding no code)."""
-    if not curve or not 0 < lo < hi:
-        raise ValueError("need a non-empty curve and 0 < lo < hi")
-    xs = sorted({lo, hi, *[p.l0 for p in curve if lo < p.l0 < hi]})
-    total = 0.0
-    for a, b in zip(xs, xs[1:]):
-        f = min(fvu_at_cost(curve, a), floor)
-        total += f * (np.log2(b) - np.log2(a))
-    return float(total / (np.log2(hi) - np.log2(lo)))
+    """Mean FVU a budget drawn log-uniformly from [lo, hi] active codes buys on this curve
+    (ladders.area_under_steps; below the cheapest point: `floor`, decoding no code)."""
+    if not curve:
+        raise ValueError("need a non-empty curve")
+    return area_under_steps([p.l0 for p in curve], [p.fvu for p in curve], lo, hi, floor)
 
 
 def grid_codes(codes: Codes, g: int, k_prime: int) -> Codes:

@@ -35,6 +35,12 @@ class OrderConfig:
     outlier_factor: OutlierPolicy | None = None
     """Exclude rows with norm > this factor x the median token norm (0, none or off: keep every
     row). Default: the policy the checkpoint was trained with."""
+    ladder: str = ""
+    """auto:R: also pick the checkpoint's ladder, R rungs from M / 2^(R-1) to M that each add an
+    equal share of the FVU reduction on these activations (auto_ladder.py: the fitted importance
+    power law where R^2 >= 0.95, else the measured FVU(G)), and store it as the served ladder."""
+    ladder_tokens: int = 16384
+    """Rows over which --ladder measures FVU(G)."""
     progress: bool = True
     """Show a progress bar (stderr)."""
 
@@ -44,6 +50,11 @@ class OrderConfig:
         if bad or not by:
             raise ValueError(f"unknown criterion {', '.join(bad) or repr(self.by)}; choose from mean_sq, freq, all")
         self.by = CRITERIA if "all" in by else by
+        from .auto_ladder import parse_auto
+
+        parse_auto(self.ladder)
+        if self.ladder_tokens < 1:
+            raise ValueError("--ladder-tokens must be positive")
         if self.tokens < 0 or self.batch_size < 1:
             raise ValueError("--tokens must be >= 0 and --batch-size positive")
 
