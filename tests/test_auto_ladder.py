@@ -122,3 +122,21 @@ def test_order_ladder_auto_stores_the_served_ladder(world, tmp_path, capsys, whi
     assert main(["order", str(ck), "--activations", str(world["acts"]), "--ladder", "auto:x"]) != 0
     err = capsys.readouterr().err
     assert "auto:R" in err and "Traceback" not in err
+
+
+def test_train_auto_ladder_stores_the_ladder_and_keeps_the_trained_groups(tmp_path):
+    from progsae.trainer.config import TrainConfig
+    from progsae.trainer.train import train
+    from tests.test_train_resume import make_cache
+
+    cache = make_cache(tmp_path / "acts", n=600)
+    cfg = TrainConfig(arch="matryoshka", d_sae=32, k=4, granularities=(4, 8, 16, 32), batch_size=32, seed=3,
+                      tokens=32 * 10, checkpoint_every=0, auto_ladder=3)
+    out = train(cfg, cache, tmp_path / "mat", progress=False)
+    meta = checkpoint.load_meta(out)
+    assert meta.granularities[0] == 8 and meta.granularities[-1] == 32 and len(meta.granularities) == 3
+    assert meta.extra["ladder"]["previous_granularities"] == [4, 8, 16, 32]
+    assert meta.extra["train_config"]["auto_ladder"] == 3
+    assert train(cfg, cache, out, progress=False) == out  # the same command again: done, not refused
+    with pytest.raises(ValueError, match="auto-ladder"):
+        TrainConfig(d_sae=32, k=4, auto_ladder=7).validate()

@@ -45,6 +45,11 @@ class TrainConfig:
     decoding each token from its k' largest codes (at the full k: the arch's loss; below it: the
     FVU at G = d_sae), so the model decodes well at every k'. Empty: k only."""
 
+    auto_ladder: int = 0
+    """R > 0: after training, pick the served ladder as `progsae order --ladder auto:R` does, on the
+    first 16384 rows of the training cache in the trained latent order (Matryoshka's groups stay
+    what was trained and are recorded in extra.ladder). 0: serve the granularities."""
+
     tokens: int = 0
     """Training budget in tokens; 0 = one epoch of the cache. Rounded down to whole batches."""
 
@@ -106,7 +111,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message on inconsistent settings."""
-        from progsae.sae.codec import check_ladder
+        from progsae.sae.codec import check_ladder, default_ladder
 
         if self.arch not in ARCHS:
             raise ValueError(f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHS)}")
@@ -133,6 +138,9 @@ class TrainConfig:
                 raise ValueError(f"--k-ladder must be strictly increasing positive ints, got {self.k_ladder}")
             if self.k_ladder[-1] != self.k:
                 raise ValueError(f"the last --k-ladder entry must equal --k {self.k}, got {self.k_ladder[-1]}")
+        r = self.auto_ladder
+        if r and (r < 2 or len(default_ladder(self.d_sae, r)) != r):
+            raise ValueError(f"--auto-ladder must be 0 or 2..{self.d_sae.bit_length()} rungs, got {r}")
         for name in ("batch_size", "init_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -197,6 +205,8 @@ class TrainConfig:
             d["k_ladder"] = list(self.k_ladder)
         else:  # recorded only when set: runs and checkpoints from before it compare equal
             del d["k_ladder"]
+        if not self.auto_ladder:
+            del d["auto_ladder"]
         return d
 
     @classmethod

@@ -299,6 +299,11 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
         training_tokens=meta.tokens, extra=extra,
     )
     checkpoint.save(out, final, meta_ck)
+    if cfg.auto_ladder:
+        from . import auto_ladder
+
+        choice = auto_ladder.for_checkpoint(out, cache.dir, cfg.auto_ladder, {}, cfg.outlier_factor)
+        auto_ladder.store(out, choice)
     log = sd / ts.LOG
     if log.is_file():
         checkpoint.atomic_write(out / "train_log.jsonl", log.read_text())
