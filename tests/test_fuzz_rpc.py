@@ -245,7 +245,15 @@ def budgets(draw) -> pb.Budget:
         b.deadline_ms = draw(st.one_of(INT64, st.integers(1, 5)))
     if draw(st.booleans()):
         b.target_fvu = draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1.5)))
+    if draw(st.booleans()):  # revision 3
+        b.token_target_fvu = draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1.5)))
+    if draw(st.booleans()):
+        b.max_k = draw(st.one_of(st.integers(0, 6), INT64))
     return b
+
+
+AXIS = st.sampled_from([pb.STREAM_AXIS_G, pb.STREAM_AXIS_K, 2, -1])
+K_LADDERS = st.one_of(st.just([]), st.lists(st.integers(-1, 6), max_size=5), st.lists(INT64, max_size=3))
 
 
 @st.composite
@@ -266,10 +274,10 @@ def test_fuzz_stream(stub, root, fuzz_cases):
     @settings(FUZZ, max_examples=200)
     @given(model=MODEL_IDS, which=st.sampled_from(["activations", "codes", "none"]), t=tensors(), c=codes(),
            budget=budgets(), payload=PAYLOAD, ladder=ladders(), dtype=DTYPE, per_token=st.booleans(),
-           timeout=timeouts())
-    def case(model, which, t, c, budget, payload, ladder, dtype, per_token, timeout):
+           timeout=timeouts(), axis=AXIS, k_ladder=K_LADDERS)
+    def case(model, which, t, c, budget, payload, ladder, dtype, per_token, timeout, axis, k_ladder):
         req = pb.StreamDecodeRequest(model_id=model, budget=budget, payload=payload, ladder=ladder,
-                                     output_dtype=dtype, per_token_l0=per_token)
+                                     output_dtype=dtype, per_token_l0=per_token, axis=axis, k_ladder=k_ladder)
         if which == "activations":
             req.activations.CopyFrom(t)
         elif which == "codes":
@@ -334,9 +342,11 @@ def _good_requests() -> dict[str, object]:
 
 ONE_FIELD = {
     "Encode": {"model_id": MODEL_IDS, "activations": tensors(), "mode": MODE, "granularity": G},
-    "DecodeAtGranularity": {"model_id": MODEL_IDS, "codes": codes(), "granularity": G, "output_dtype": DTYPE},
+    "DecodeAtGranularity": {"model_id": MODEL_IDS, "codes": codes(), "granularity": G, "output_dtype": DTYPE,
+                            "max_k": st.one_of(st.integers(0, 6), INT64)},
     "StreamDecode": {"model_id": MODEL_IDS, "activations": tensors(), "codes": codes(), "budget": budgets(),
-                     "payload": PAYLOAD, "ladder": ladders(), "output_dtype": DTYPE},
+                     "payload": PAYLOAD, "ladder": ladders(), "output_dtype": DTYPE, "axis": AXIS,
+                     "k_ladder": K_LADDERS},
 }
 
 
