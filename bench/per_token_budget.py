@@ -51,10 +51,20 @@ class Outcome(NamedTuple):
     """[N] G each token was last decoded at."""
 
 
-def load_heldout(acts: Path, shard: int, tokens: int) -> np.ndarray:
+def load_heldout(acts: Path, shard: int, tokens: int, outlier_factor: float) -> tuple[np.ndarray, int]:
+    """The first `tokens` rows of a shard that pass the trainer's outlier policy (norm <= factor x the
+    shard's median norm; 0 keeps every row), and how many rows it dropped on the way."""
     manifest = json.loads((acts / "manifest.json").read_text())
     a = np.load(acts / manifest["shards"][shard]["acts"], mmap_mode="r")
-    return np.ascontiguousarray(a[:tokens], dtype=np.float32)
+    a = np.asarray(a[: 2 * tokens], dtype=np.float32)
+    if outlier_factor > 0:
+        norms = np.linalg.norm(a, axis=1)
+        keep = norms <= outlier_factor * np.median(norms)
+        dropped = int((~keep[: np.searchsorted(np.cumsum(keep), tokens) + 1]).sum())
+        a = a[keep]
+    else:
+        dropped = 0
+    return np.ascontiguousarray(a[:tokens]), dropped
 
 
 def run(svc: CodecService, model, req: pb.StreamDecodeRequest, x: np.ndarray, t: float) -> Outcome:
@@ -103,19 +113,21 @@ def main() -> None:
     p.add_argument("--targets", default="0.5,0.3,0.2")
     p.add_argument("--ladder", default="", help="G ladder (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="drop tokens with norm > this x the median, as `progsae train` does (0: keep all)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     ck = Path(a.checkpoint).resolve()
     reg = Registry(RegistryConfig(root=str(ck.parent), models=(ck.name,)))
     model = reg.get(f"{ck.name}@none")
     ladder = [int(g) for g in a.ladder.split(",")] if a.ladder else list(model.ladder)
-    x_all = load_heldout(Path(a.activations), a.shard, a.tokens)
+    x_all, dropped = load_heldout(Path(a.activations), a.shard, a.tokens, a.outlier_factor)
     batches = [x_all[i:i + a.request] for i in range(0, len(x_all) - a.request + 1, a.request)]
     n = sum(len(b) for b in batches)
     svc = CodecService()
     print(f"# {ck.name}: M={model.d_sae} k={model.meta.k} ladder={ladder}; {n} held-out tokens "
-          f"(shard {a.shard}) in {len(batches)} requests of {a.request}; {platform.machine()}, "
-          f"torch threads {a.threads}")
+          f"(shard {a.shard}; outlier factor {a.outlier_factor:g} dropped {dropped}) in {len(batches)} requests of "
+          f"{a.request}; {platform.machine()}, torch threads {a.threads}")
     print("| t | mode | mean final G | tokens with err_n <= t | batch FVU | mean decoded L0 | bytes/token "
           "| tensor bytes/token |")
     print("|---|---|---|---|---|---|---|---|")
