@@ -272,3 +272,24 @@ def test_async_client_per_token(server, x):
     assert res.token_final_g is not None and s.result.token_final_g is not None
     assert (res.token_final_g == s.result.token_final_g).all() and len(rungs) == s.result.rungs
     np.testing.assert_array_equal(res.reconstruction, s.result.reconstruction)
+
+
+def test_service_per_token_deadline_and_cancel():
+    """A deadline that has passed before the first rung: one message, header and end, no token finished;
+    a cancelled stream stops without an end."""
+    import time
+
+    model, x = exact_model()
+    svc = CodecService()
+    req = pb.StreamDecodeRequest(activations=convert.from_numpy(x),
+                                 budget=pb.Budget(token_target_fvu=0.5, deadline_ms=1))
+    msgs = list(svc.stream(model, req, t0=time.perf_counter() - 1))
+    assert len(msgs) == 1 and msgs[0].HasField("header") and not msgs[0].HasField("rung")
+    end = msgs[0].end
+    assert end.stop_reason == pb.STOP_REASON_DEADLINE and end.rungs == 0
+    assert list(end.token_final_g) == [0] * len(x) and not any(end.token_met)
+    req.budget.ClearField("deadline_ms")
+    calls = iter([False, True])
+    msgs = list(svc.stream(model, req, cancelled=lambda: next(calls)))
+    assert len(msgs) == 1 and msgs[0].HasField("rung") and not msgs[0].HasField("end")
+    assert svc.stats.streams_cancelled == 1
