@@ -174,3 +174,34 @@ def test_ray_words_for_a_lost_replica_are_unavailable(details):
 
     code, msg = status_of(E())
     assert code == grpc.StatusCode.UNAVAILABLE and "\n" not in msg
+
+
+def test_resumed_per_token_delta_stream_adds_each_rung_once(server):
+    """A per-token stream's rows are summed into `result.reconstruction` once per rung, however often the
+    resumed stream replays it."""
+    from progsae.v1 import convert
+
+    def per_token_messages():
+        rows = [([0, 1], 1.0, 1), ([1], 2.0, 1), ([1], 3.0, 0)]
+        out = []
+        for i, (tokens, v, refining) in enumerate(rows):
+            r = pb.Rung(index=i, g=LADDER[i], mean_l0=float(i), tokens=tokens, refining=refining,
+                        tensor=convert.from_numpy(np.full((len(tokens), 4), v, np.float32)))
+            msg = pb.StreamDecodeResponse(rung=r)
+            if i == 0:
+                msg.header.CopyFrom(pb.StreamHeader(model_id="m@none", tokens=2, ladder=LADDER,
+                                                    payload=pb.PAYLOAD_DELTA))
+            out.append(msg)
+        out[-1].end.CopyFrom(pb.StreamEnd(stop_reason=pb.STOP_REASON_TOKEN_TARGET_FVU, rungs=3, final_g=32,
+                                          token_final_g=[8, 32], token_met=[True, True]))
+        return out
+
+    script, target = server
+    script.attempts = [Attempt(per_token_messages()[:2], LOST), Attempt(per_token_messages())]
+    s, rungs = _stream(target, token_target_fvu=0.5, payload="delta")
+    assert [r.index for r in rungs] == [0, 1, 2] and s.resumed == 1
+    assert s.result.reconstruction is not None
+    np.testing.assert_array_equal(s.result.reconstruction, [[1.0] * 4, [6.0] * 4])
+    assert list(s.result.token_final_g) == [8, 32] and s.result.token_met.all()
+    assert s.result.stop_reason == "token_target_fvu"
+    assert script.requests[0].budget.token_target_fvu == 0.5
