@@ -411,7 +411,11 @@ def load(path: str | Path, ordering: str = "none", device: str | torch.device = 
     src = _load_source(path)
     meta, f = src.meta, src.weights
     raw = _read_tensors(f)
-    t = src.convert({name: _check_tensor(raw, name, shape, f) for name, shape in src.shapes.items()})
+    checked = {name: _check_tensor(raw, name, shape, f) for name, shape in src.shapes.items()}
+    try:
+        t = src.convert(raw | checked)
+    except ValueError as e:
+        raise CheckpointError(f"{f}: {e}") from None
     d, m = meta.d_in, meta.d_sae
     sae = SAE(
         W_enc=_check_tensor(t, "W_enc", (d, m), f),

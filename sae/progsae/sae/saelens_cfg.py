@@ -20,7 +20,7 @@ boolean normalize_activations). Flags that shape the computation and what happen
                       threshold is already in rescaled units and is kept. Refused for standard
                       and jumprelu, whose SAELens configs have no such flag.
   jumprelu threshold  SAELens computes ReLU(pre) * (pre > t), progsae pre * (pre > t): equal
-                      with t' = max(t, 0), which is what is stored.
+                      with t' = max(t, 0), which is what is stored (log_threshold: t = exp).
   normalize_activations  none: nothing. expected_average_only_in: the SAE expects c * x with
                       c = scaling_factor from SAELens's activation_scaler.json beside cfg.json;
                       that is progsae's input scale (encode sees c x, decode returns x_hat / c),
@@ -204,9 +204,7 @@ def tensor_shapes(spec: SAELensSpec) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"W_enc": (d, m), "W_dec": (m, d), "b_enc": (m,), "b_dec": (d,)}
     if spec.source_arch in _BATCH:
         shapes["topk_threshold"] = ()
-    elif spec.kind == "jumprelu":
-        shapes["threshold"] = (m,)
-    return shapes
+    return shapes  # a jumprelu threshold is looked up by `fold` (older files store log_threshold)
 
 
 def fold(spec: SAELensSpec, t: dict[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
@@ -217,7 +215,12 @@ def fold(spec: SAELensSpec, t: dict[str, Tensor], scale: float = 1.0) -> dict[st
     if spec.source_arch in _BATCH:
         threshold = t["topk_threshold"].double().reshape(()).expand(spec.d_sae).clone()
     elif spec.kind == "jumprelu":
-        threshold = t["threshold"].double()
+        if "threshold" in t:
+            threshold = t["threshold"].double()
+        elif "log_threshold" in t:  # as SAELens's JumpReLU process_state_dict_for_loading converts it
+            threshold = t["log_threshold"].double().exp()
+        else:
+            raise ValueError("missing tensor 'threshold'")
     if not spec.apply_b_dec_to_input:
         b_enc = b_enc + b_dec @ W_enc
     if spec.rescale_acts_by_decoder_norm:
