@@ -311,7 +311,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "architecture", "d_in", "d_sae", "k", "ladder", "ordering", "available_orderings", "language_model", "layer", "hook", "normalisation", "training_tokens", "evaluation_json", "text_available")
+    __slots__ = ("model_id", "architecture", "d_in", "d_sae", "k", "ladder", "ordering", "available_orderings", "language_model", "layer", "hook", "normalisation", "training_tokens", "evaluation_json", "text_available", "k_ladder")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     D_IN_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +327,7 @@ class ModelInfo(_message.Message):
     TRAINING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_JSON_FIELD_NUMBER: _ClassVar[int]
     TEXT_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    K_LADDER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     d_in: int
@@ -342,7 +343,8 @@ class ModelInfo(_message.Message):
     training_tokens: int
     evaluation_json: str
     text_available: bool
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., k: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., ordering: _Optional[str] = ..., available_orderings: _Optional[_Iterable[str]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ..., hook: _Optional[str] = ..., normalisation: _Optional[_Union[Normalisation, _Mapping]] = ..., training_tokens: _Optional[int] = ..., evaluation_json: _Optional[str] = ..., text_available: _Optional[bool] = ...) -> None: ...
+    k_ladder: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., k: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., ordering: _Optional[str] = ..., available_orderings: _Optional[_Iterable[str]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ..., hook: _Optional[str] = ..., normalisation: _Optional[_Union[Normalisation, _Mapping]] = ..., training_tokens: _Optional[int] = ..., evaluation_json: _Optional[str] = ..., text_available: _Optional[bool] = ..., k_ladder: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ServerStatsRequest(_message.Message):
     __slots__ = ()

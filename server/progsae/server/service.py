@@ -252,6 +252,7 @@ class CodecService:
             normalisation=_normalisation(card), training_tokens=int(m.training_tokens),
             evaluation_json=json.dumps(card.evaluation, sort_keys=True),
             text_available=bool(self._text_available(card)),
+            k_ladder=[int(v) for v in m.extra.get("k_ladder") or ()],
         )
 
     def server_stats(self, loaded: Sequence[str]) -> pb.ServerStats:
