@@ -22,6 +22,8 @@ from progsae.trainer.features import LogitLens
 
 LM, LAYER, CONTEXT = "smollm2-135m", 20, 33
 M, K, LADDER = 256, 8, (16, 32, 64, 128, 256)
+K_LADDER = (1, 2, 4, 8)
+"""mat says it decodes at these k' (a checkpoint of `progsae train --k-ladder` records it so)."""
 SENTENCES = """The cat sat on the mat because it was warm.
 A dog barked at the mailman every single morning.
 Paris is the capital of France and a famous city.
@@ -137,7 +139,8 @@ def build(root: Path, with_lm: bool = True) -> dict:
     for name, sae, arch, ords in (("mat", mat, "matryoshka", None), ("topk", shuffled, "topk", orderings)):
         meta = checkpoint.CheckpointMeta(architecture=arch, d_in=lm.d_model, d_sae=M, k=K, granularities=LADDER,
                                          model=LM, layer=LAYER, hook=f"hidden_states[{LAYER}]",
-                                         extra={"fixture": "dashboard k-means"})
+                                         extra={"fixture": "dashboard k-means",
+                                                **({"k_ladder": list(K_LADDER)} if name == "mat" else {})})
         path = checkpoint.save(root / name, sae, meta, ords, metrics=curves(sae, x, ords))
         cards = features.compute(sae, cache, features.FeatureConfig(top_n=4, window=6, promoted=8, progress=False),
                                  decode=lens.decode, lens=lens)

@@ -24,12 +24,10 @@ from progsae.server import launch, testing
 from progsae.server.config import AppConfig
 from progsae.server.testing import free_port
 from progsae.server.validate import Limits
-from tests.dashboard_fixtures import LADDER
+from tests.browser import chromium, new_page
+from tests.dashboard_fixtures import K_LADDER, LADDER
 from tests.dashboard_fixtures import build as build_fixtures
 
-CHROMIUM = os.environ.get("PROGSAE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MAX_CHARS = 400
 
 
@@ -98,6 +96,23 @@ def test_feature_card_maps_served_index_to_trained_order(app):
     assert top["density"] > 0 and top["contexts"][0]["tokens"]
 
 
+def test_labels_and_k_ladder(app):
+    _, models = get_json(app, "/api/models")
+    k_ladders = {m["model_id"]: m["k_ladder"] for m in models["models"]}
+    assert k_ladders["mat@none"] == list(K_LADDER) and k_ladders["topk@mean_sq"] == []
+    cards = feature_cards.load(app["topk"])
+    perm = checkpoint.read_orderings(app["topk"], 256)["mean_sq"].perm
+    status, got = get_json(app, "/api/labels?model_id=topk@mean_sq&latents=0,5,200")
+    assert status == 200 and got["model_id"] == "topk@mean_sq"
+    assert got["labels"] == {str(i): cards.label(int(perm[i])) for i in (0, 5, 200)}
+    assert sum(bool(v) for v in got["labels"].values()) >= 2  # fixture latents fire on its sentences
+    for query, words in (("model_id=mat&latents=1,x", "comma-separated"), ("model_id=mat&latents=256", "out of range"),
+                         ("model_id=mat&latents=" + ",".join(["1"] * 1025), "at most 1024")):
+        status, body = get_json(app, f"/api/labels?{query}")
+        assert status == 400 and words in body["message"], query
+    assert get_json(app, "/api/labels?model_id=nofeat&latents=1")[0] == 404
+
+
 @pytest.mark.parametrize("query, status, code, words", [
     ("model_id=nope&latent=1", 404, "NOT_FOUND", "unknown model"),
     ("model_id=../etc&latent=1", 400, "INVALID_ARGUMENT", "relative path"),
@@ -116,25 +131,14 @@ def test_feature_errors(app, query, status, code, words):
 
 @pytest.fixture(scope="module")
 def browser():
-    import playwright.sync_api as pw
-
-    assert Path(CHROMIUM).exists(), f"no chromium at {CHROMIUM}: `make test` installs Debian's chromium"
-    with pw.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
 def page(browser, app):
-    ctx = browser.new_context(viewport={"width": 1360, "height": 1000}, device_scale_factor=1)
-    pg = ctx.new_page()
-    pg.set_default_timeout(45_000)
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    ctx.close()
-    assert not errors, errors
+    with new_page(browser) as pg:
+        yield pg
 
 
 def open_page(page, app, query: str = "") -> None:
@@ -182,10 +186,75 @@ def test_browser_end_to_end(page, app, tmp_path):
     page.wait_for_selector("#card[data-state='ready']")
     assert page.locator("#card .ctx").count() >= 1 and page.locator("#card .ctok.peak").count() >= 1
     assert page.locator("#card .ptok").count() >= 1
+    # feature chips carry their card's short label
+    page.wait_for_selector(".stream[data-labels='1']")
+    cards = feature_cards.load(app["mat"])
+    chips = page.locator(".stream .feat")
+    named = [(int(chips.nth(i).get_attribute("data-latent")), chips.nth(i).locator(".lbl").inner_text())
+             for i in range(chips.count())]
+    assert all(text == cards.label(lat) for lat, text in named) and sum(bool(t) for _, t in named) > len(named) / 2
     # live FVU markers on the chart
     assert page.locator("#chart .marker").count() == 2
     page.screenshot(path=str(shots / "feature-card.png"), full_page=True)
     assert time.perf_counter() - t0 < 90
+
+
+def set_slider(page, selector: str, index: int) -> None:
+    page.eval_on_selector(selector, "(e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }", index)
+
+
+def panel_state(page) -> dict:
+    p = page.locator(".stream").first
+    return {"rungs": int(p.get_attribute("data-rungs")), "stop": p.get_attribute("data-stop"),
+            "shown": page.inner_text(".stream .rungcount"), "stopped": page.inner_text(".stream .stop")}
+
+
+def test_browser_every_budget_control(page, app):
+    """Each budget control changes what the page shows: deadline, target FVU, per-token target
+    (the per-token strip), max k' and the k' axis (max G: test_browser_end_to_end)."""
+    text = "The cat sat on the mat because it was warm."
+    open_page(page, app)
+    n = len(LADDER)
+    assert page.is_visible("#k-controls")  # mat records a k' ladder
+    # deadline: 1 ms is spent before the first rung (the language model runs inside it)
+    page.fill("#deadline", "1")
+    encode(page, text)
+    assert panel_state(page) == {"rungs": 0, "stop": "deadline", "shown": f"0 / {n}", "stopped": "deadline reached"}
+    assert page.locator(".ladder .rung.reached").count() == 0 and page.locator(".stream .feat").count() == 0
+    page.fill("#deadline", "")
+    # target FVU: the fixture's first rung reconstructs to FVU 0.88 (the full ladder to 0.2)
+    page.fill("#target-fvu", "0.9")
+    encode(page, text)
+    assert panel_state(page) == {"rungs": 1, "stop": "target_fvu", "shown": f"1 / {n}", "stopped": "target FVU reached"}
+    assert float(page.inner_text(".stream .fvu")) <= 0.9
+    page.fill("#target-fvu", "")
+    # per-token target: the strip colours each token by its final G; some stop early, some climb
+    assert page.locator(".stream .strip").is_hidden()
+    page.fill("#token-target", "0.5")
+    encode(page, text)
+    strip = page.locator(".stream .stok")
+    assert strip.count() == page.locator(".stream .tok").count() >= 8
+    finals = [int(strip.nth(i).get_attribute("data-final")) for i in range(strip.count())]
+    assert set(finals) <= set(LADDER) and min(finals) < max(finals) == LADDER[-1]
+    met = [strip.nth(i).get_attribute("data-met") == "1" for i in range(strip.count())]
+    assert page.locator(".stream .stok.unmet").count() == met.count(False)
+    assert f"{sum(met)} / {len(met)} met it" in page.inner_text(".stream .strip-head")
+    assert page.locator(".stream .tok.settled").count() >= 1  # a token that stopped before the last rung
+    assert re.fullmatch(r"\d+ / \d+", page.inner_text(".stream .refining"))
+    page.fill("#token-target", "")
+    # max k': every rung decodes each token's 2 largest codes
+    set_slider(page, "#max-k", K_LADDER.index(2) + 1)
+    assert page.inner_text("#max-k-label") == "k′ ≤ 2"
+    encode(page, text)
+    assert panel_state(page)["rungs"] == n and page.inner_text(".stream .k") == "2"
+    assert float(page.inner_text(".stream .l0")) <= 2
+    # climb k' instead of G (at the whole ladder's G), cut at max k' = 2
+    page.check("#axis-k")
+    encode(page, text)
+    assert page.locator(".stream .ladder .rung").all_inner_texts() == [f"k′ {k}" for k in K_LADDER]
+    assert panel_state(page) == {"rungs": 2, "stop": "max_k", "shown": f"2 / {len(K_LADDER)}",
+                                 "stopped": "max k′ reached"}
+    assert page.locator(".ladder .rung.reached").count() == 2 and page.inner_text(".stream .g") == str(LADDER[-1])
 
 
 def test_browser_side_by_side(page, app, tmp_path):

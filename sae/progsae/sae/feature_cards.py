@@ -69,6 +69,25 @@ class FeatureCards:
         return {"latent": latent, "density": float(t["density"][latent]), "mean": float(t["mean_act"][latent]),
                 "max": float(t["max_act"][latent]), "contexts": contexts, "promoted": promoted}
 
+    def label(self, latent: int, words: int = 2) -> str:
+        """A short name for a latent's chip: the distinct tokens its top contexts peak on, at most
+        `words` ("cat · dog"), else its first logit-lens tokens, else "" (no context, no lens)."""
+        if not 0 <= latent < self.d_sae:
+            raise IndexError(f"latent {latent} out of range 0..{self.d_sae - 1}")
+        t = self.tensors
+        vocab: dict[str, str] = self.info.get("vocab", {})
+        w = int(self.info.get("window", 0))
+        peaks = [int(t["window_ids"][latent, s, w]) for s in range(t["top_context"].shape[1])
+                 if int(t["top_context"][latent, s]) >= 0]
+        out: list[str] = []
+        for i in peaks or _ints(t["promoted_ids"][latent]):
+            word = vocab.get(str(i), f"<{i}>").strip() or repr(vocab.get(str(i), ""))
+            if i != PAD and word not in out:
+                out.append(word)
+            if len(out) == words:
+                break
+        return " · ".join(out)
+
 
 def _ints(t: Tensor) -> list[int]:
     """A 1-D tensor's values as ints (torch annotates tolist() as a bare list)."""

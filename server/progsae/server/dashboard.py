@@ -9,6 +9,10 @@
                                    one latent's feature card; `latent` is the index the stream
                                    reports (the served order), mapped through the ordering's
                                    permutation to the trained order the cards are stored in
+    GET /api/labels?model_id&latents=3,17,40
+                                   {latent: short label} for feature chips (FeatureCards.label:
+                                   the tokens its top contexts peak on, else its top promoted
+                                   tokens), `latent` in the served order as above
 Errors answer {"code", "message"} with the matching HTTP status, like the rest of the API.
 """
 
@@ -35,6 +39,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "chart.js": "text/javascript",
                 "style.css": "text/css", "favicon.svg": "image/svg+xml"}
 CURVE_KEYS = ("g", "fvu", "ce_recovered", "l0")
+MAX_LABELS = 1024
 
 
 class Dashboard:
@@ -79,6 +84,23 @@ class Dashboard:
         return {**card, "model_id": spec.id, "served_index": index, "ordering": spec.ordering,
                 "stale": bool(info.get("stale")), "tokens": info.get("tokens"), "top_n": info.get("top_n"),
                 "window": info.get("window"), "logit_lens": info.get("logit_lens", False)}
+
+    def labels(self, model_id: str, latents: str) -> dict[str, Any]:
+        try:
+            wanted = [int(v) for v in latents.split(",") if v.strip()]
+        except ValueError:
+            raise invalid(f"latents must be comma-separated integers, got {latents[:40]!r}") from None
+        if len(wanted) > MAX_LABELS:
+            raise invalid(f"at most {MAX_LABELS} latents per call, got {len(wanted)}")
+        spec = self.registry.resolve(model_id)
+        meta = checkpoint.load_meta(spec.path)
+        bad = [i for i in wanted if not 0 <= i < meta.d_sae]
+        if bad:
+            raise invalid(f"latent {bad[0]} out of range 0..{meta.d_sae - 1} for model {spec.id}")
+        perm = None if spec.ordering == "none" else self._perm(spec.path, spec.ordering, meta.d_sae)
+        cards = self._load_cards(spec.path, spec.name)
+        return {"model_id": spec.id,
+                "labels": {str(i): cards.label(i if perm is None else int(perm[i])) for i in wanted}}
 
     def _perm(self, path: Path, ordering: str, d_sae: int):
         key = (path, ordering)
@@ -188,5 +210,13 @@ async def overview() -> Any:
 async def feature(model_id: str = "", latent: str = "") -> Any:
     try:
         return _dashboard().feature(model_id, latent)
+    except Exception as e:  # noqa: BLE001
+        return _error(e)
+
+
+@router.get("/api/labels")
+async def labels(model_id: str = "", latents: str = "") -> Any:
+    try:
+        return _dashboard().labels(model_id, latents)
     except Exception as e:  # noqa: BLE001
         return _error(e)

@@ -5,10 +5,15 @@
     POST /api/encode                 {model_id, activations: [[...]], prefix_granularity?}
     POST /api/decode                 {model_id, codes: [{indices, values}], granularity}
     POST /api/encode_text            {model_id, text, max_tokens?, include_activations?}
-    GET  /api/stream?model_id&text&max_granularity&deadline_ms&target_fvu&top
-    POST /api/stream                 {model_id, text | activations, budget: {...}, ladder?, top?}
+    GET  /api/stream?model_id&text&max_granularity&deadline_ms&target_fvu&token_target_fvu&max_k&top
+    POST /api/stream                 {model_id, text | activations, budget: {...}, ladder?, axis?,
+                                      k_ladder?, top?}; budget: max_granularity, deadline_ms,
+                                      target_fvu, token_target_fvu, max_k; axis "g" (default) or
+                                      "k" (climb k' up k_ladder at one G)
                                      -> text/event-stream: `header`, one `rung` per rung, `end`
-                                        (or one `error` event {code, message})
+                                        (or one `error` event {code, message}); with a per-token
+                                        target a rung lists the tokens it computed and the end
+                                        every token's final G and whether it met the target
     GET  /api/stats                  this replica's counters
 Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching HTTP status.
 """
@@ -16,13 +21,17 @@ Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching H
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 
+from progsae.sae import budgets
+from progsae.sae.codec import Codes
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
@@ -64,6 +73,7 @@ def _info(m: pb.ModelInfo) -> dict[str, Any]:
         "language_model": m.language_model, "layer": m.layer if m.layer >= 0 else None, "hook": m.hook,
         "scale": m.normalisation.scale, "training_tokens": m.training_tokens,
         "evaluation": json.loads(m.evaluation_json or "{}"), "text_available": m.text_available,
+        "k_ladder": list(m.k_ladder),
     }
 
 
@@ -195,12 +205,18 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def _stream_events(c, body: dict[str, Any]):
-    """SSE events of one stream; errors become an `error` event (the HTTP status is already 200)."""
+    """SSE events of one stream; errors become an `error` event (the HTTP status is already 200).
+
+    A deadline counts from the request, so it includes running the language model on `text`: the
+    stream gets what is left, and when nothing is, it ends at once (no rung, reason deadline), as
+    StreamDecode does when its deadline passes before the first rung."""
+    t0 = time.perf_counter()
     stream = None
     try:
         sv = c.servicer
         mid = str(body.get("model_id", ""))
         req = pb.StreamDecodeRequest(model_id=mid, payload=pb.PAYLOAD_NONE, per_token_l0=True)
+        _budget(req, body)
         tokens = None
         if body.get("text"):
             t = await sv.EncodeText(pb.EncodeTextRequest(model_id=mid, text=str(body["text"]),
@@ -211,32 +227,45 @@ async def _stream_events(c, body: dict[str, Any]):
             req.activations.CopyFrom(_tensor(body["activations"], "activations"))
         else:
             raise invalid("stream needs `text` or `activations`")
-        budget = body.get("budget") or {}
-        for key in ("max_granularity", "deadline_ms"):
-            if budget.get(key) is not None:
-                setattr(req.budget, key, int(budget[key]))
-        if budget.get("target_fvu") is not None:
-            req.budget.target_fvu = float(budget["target_fvu"])
-        req.ladder.extend(int(g) for g in body.get("ladder") or ())
+        if req.budget.HasField("deadline_ms") and req.budget.deadline_ms > 0:
+            left = req.budget.deadline_ms - 1e3 * (time.perf_counter() - t0)
+            if left < 1:
+                n = req.activations.shape[0] if req.activations.shape else 0
+                yield _sse("header", {"model_id": mid, "ladder": [], "tokens": tokens, "n_tokens": n,
+                                      "axis": "k" if req.axis == pb.STREAM_AXIS_K else "g", "k_ladder": []})
+                yield _sse("end", {"stop_reason": "deadline", "rungs": 0, "final_g": 0, "final_k": None,
+                                   "elapsed_ms": 1e3 * (time.perf_counter() - t0), "final_fvu": None,
+                                   "token_final_g": [], "token_final_k": [], "token_met": []})
+                return
+            req.budget.deadline_ms = int(left)
         top = int(body.get("top", 8))
         stream = sv.StreamDecode(req)
-        codes, lo = None, 0
+        codes, seen, n_tokens = None, None, 0
         async for msg in stream:
             if msg.HasField("header"):
-                codes = convert.codes_to_arrays(msg.header.codes)
-                yield _sse("header", {"model_id": msg.header.model_id, "ladder": list(msg.header.ladder),
-                                      "tokens": tokens, "n_tokens": msg.header.tokens})
+                h = msg.header
+                n_tokens = h.tokens
+                codes = _padded(convert.codes_to_arrays(h.codes))
+                seen = torch.zeros_like(codes.indices, dtype=torch.bool)
+                yield _sse("header", {"model_id": h.model_id, "ladder": list(h.ladder), "tokens": tokens,
+                                      "n_tokens": h.tokens, "axis": "k" if h.axis == pb.STREAM_AXIS_K else "g",
+                                      "k_ladder": list(h.k_ladder)})
             if msg.HasField("rung"):
                 r = msg.rung
-                yield _sse("rung", {"index": r.index, "g": r.g, "mean_l0": r.mean_l0, "l0": list(r.l0),
+                rows = list(r.tokens) or list(range(n_tokens))
+                yield _sse("rung", {"index": r.index, "g": r.g, "k": r.k or None, "mean_l0": r.mean_l0,
+                                    "l0": list(r.l0), "tokens": list(r.tokens),
+                                    "refining": r.refining if r.HasField("refining") else None,
                                     "fvu": r.fvu if r.HasField("fvu") else None, "elapsed_ms": r.elapsed_ms,
-                                    "features": _band(codes, lo, r.g, top)})
-                lo = r.g
+                                    "features": _band(codes, seen, rows, r.g, r.k or None, top)})
             if msg.HasField("end"):
                 e = msg.end
                 yield _sse("end", {"stop_reason": convert.STOP_REASONS[e.stop_reason],
-                                   "rungs": e.rungs, "final_g": e.final_g, "elapsed_ms": e.elapsed_ms,
-                                   "final_fvu": e.final_fvu if e.HasField("final_fvu") else None})
+                                   "rungs": e.rungs, "final_g": e.final_g, "final_k": e.final_k or None,
+                                   "elapsed_ms": e.elapsed_ms,
+                                   "final_fvu": e.final_fvu if e.HasField("final_fvu") else None,
+                                   "token_final_g": list(e.token_final_g), "token_final_k": list(e.token_final_k),
+                                   "token_met": list(e.token_met)})
     except Exception as e:  # noqa: BLE001
         err = e if isinstance(e, ServiceError) else internal(e)
         yield _sse("error", {"code": err.status.value, "message": err.message})
@@ -245,23 +274,56 @@ async def _stream_events(c, body: dict[str, Any]):
             await stream.aclose()
 
 
-def _band(codes: convert.SparseArrays | None, lo: int, g: int, top: int) -> list[list[list[float]]]:
-    """Per token, the latents that became active in [lo, g): [[index, value], ...] by value, at most `top`."""
-    if codes is None:
+def _budget(req: pb.StreamDecodeRequest, body: dict[str, Any]) -> None:
+    """The JSON body's budget, ladders and axis into `req` (the servicer validates the values)."""
+    budget = body.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise invalid("budget must be a JSON object")
+    try:
+        for key in ("max_granularity", "deadline_ms", "max_k"):
+            if budget.get(key) is not None:
+                setattr(req.budget, key, int(budget[key]))
+        for key in ("target_fvu", "token_target_fvu"):
+            if budget.get(key) is not None:
+                setattr(req.budget, key, float(budget[key]))
+        req.ladder.extend(int(g) for g in body.get("ladder") or ())
+        req.k_ladder.extend(int(k) for k in body.get("k_ladder") or ())
+    except (TypeError, ValueError):
+        raise invalid("budget values and ladders must be numbers") from None
+    axis = body.get("axis") or "g"
+    if axis not in ("g", "k"):
+        raise invalid(f"axis must be 'g' (climb G) or 'k' (climb k'), got {axis!r}")
+    req.axis = pb.STREAM_AXIS_K if axis == "k" else pb.STREAM_AXIS_G
+
+
+def _padded(s: convert.SparseArrays) -> Codes:
+    idx, val = s.padded()
+    return Codes(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(val.astype(np.float32)))
+
+
+def _band(codes: Codes | None, seen: torch.Tensor | None, rows: list[int], g: int, k: int | None,
+          top: int) -> list[list[list[float]]]:
+    """Per token, the latents decoded at (g, k') that no earlier rung decoded: [[index, value], ...]
+    by value, at most `top`; empty for a token this rung did not compute (it stopped refining).
+    `seen` ([N, w] bool) is updated in place."""
+    if codes is None or seen is None:
         return []
-    out = []
-    for n in range(codes.tokens):
-        idx, val = codes.token(n)
-        keep = (idx >= lo) & (idx < g) & (val != 0)
-        order = np.argsort(-val[keep])[:top]
-        out.append([[int(i), round(float(v), 5)] for i, v in zip(idx[keep][order], val[keep][order], strict=True)])
+    out: list[list[list[float]]] = [[] for _ in range(codes.indices.shape[0])]
+    sel = budgets.select(Codes(codes.indices[rows], codes.values[rows]), g, k)
+    for j, n in enumerate(rows):
+        fresh = sel[j] & ~seen[n]
+        seen[n] |= sel[j]
+        idx, val = codes.indices[n][fresh], codes.values[n][fresh]
+        order = torch.argsort(-val, stable=True)[:top]
+        out[n] = [[int(i), round(float(v), 5)] for i, v in zip(idx[order].tolist(), val[order].tolist(), strict=True)]
     return out
 
 
 @api.get("/api/stream")
 async def stream_get(request: Request) -> StreamingResponse:
     q = request.query_params
-    budget = {k: q.get(k) for k in ("max_granularity", "deadline_ms", "target_fvu") if q.get(k)}
+    budget = {k: q.get(k) for k in ("max_granularity", "deadline_ms", "target_fvu", "token_target_fvu", "max_k")
+              if q.get(k)}
     body = {"model_id": q.get("model_id", ""), "text": q.get("text", ""), "budget": budget,
             "top": q.get("top", 8), "max_tokens": q.get("max_tokens", 0)}
     return StreamingResponse(_stream_events(_codec(), body), media_type="text/event-stream")

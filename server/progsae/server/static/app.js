@@ -8,13 +8,17 @@ const state = {
   controller: null,    // AbortController of the running streams
   live: {},            // model_id -> [{g, fvu}] of the last stream (chart markers)
   limits: {},
+  labels: {},          // model_id -> Map(latent -> short label from its feature card)
 };
+const TOKEN_KEY = "progsae-token";  // the server's bearer token, asked once per browser session
 const PALETTE = ["#3056d3", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c7cfa"];
 const STOP_TEXT = {
   ladder_done: "reached the top of the ladder",
   max_granularity: "max G reached",
   deadline: "deadline reached",
   target_fvu: "target FVU reached",
+  token_target_fvu: "every token met its target",
+  max_k: "max k′ reached",
   CANCELLED: "cancelled",
 };
 const FEATS_SHOWN = 3;
@@ -48,19 +52,53 @@ function unreachable(e) {
   return `Cannot reach the progsae server (${e.message || e}). Is it running? Start it with \`progsae serve\`.`;
 }
 
+// --- auth: with a server token, every /api call sends it; a 401 asks for it (once a session) ---
+
+class AuthError extends Error {}
+
+function api(url, opts = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = { ...(opts.headers || {}), ...(token ? { Authorization: `Bearer ${token}` } : {}) };
+  return fetch(url, { ...opts, headers });
+}
+
+async function failure(resp, url) {
+  const body = await resp.json().catch(() => null);
+  const msg = body && body.message ? body.message : `HTTP ${resp.status} from ${url}`;
+  return resp.status === 401 ? new AuthError(msg) : new Error(msg);
+}
+
+function askToken(reason) {
+  const had = sessionStorage.getItem(TOKEN_KEY);
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("auth-msg").textContent = had ? `The server refused that token (${reason}).` : "This server needs a token.";
+  $("auth").hidden = false;
+  $("auth-token").focus();
+}
+
+$("auth").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = $("auth-token").value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("auth-token").value = "";
+  $("auth").hidden = true;
+  init();
+});
+
 async function getJSON(url) {
   let resp;
-  try { resp = await fetch(url); } catch (e) { throw new Error(unreachable(e)); }
-  const body = await resp.json().catch(() => null);
-  if (!resp.ok) throw new Error(body && body.message ? body.message : `HTTP ${resp.status} from ${url}`);
-  return body;
+  try { resp = await api(url); } catch (e) { throw new Error(unreachable(e)); }
+  if (!resp.ok) throw await failure(resp, url);
+  return resp.json();
 }
 
 // --- models and budget controls ---------------------------------------------------------------
 
 function modelLabel(m) {
   const text = m.text_available ? "" : " · no text";
-  return `${m.model_id} (${m.architecture}, M=${m.d_sae}, k=${m.k}${text})`;
+  const kl = m.k_ladder.length ? ` · k′ ${m.k_ladder.join(",")}` : "";
+  return `${m.model_id} (${m.architecture}, M=${m.d_sae}, k=${m.k}${kl}${text})`;
 }
 
 function fillModels() {
@@ -92,10 +130,9 @@ function selectedModels() {
   return ids;
 }
 
-function ladderOf(id) {
-  const m = state.models.find((x) => x.model_id === id);
-  return m ? m.ladder : [];
-}
+function modelOf(id) { return state.models.find((x) => x.model_id === id); }
+function ladderOf(id) { const m = modelOf(id); return m ? m.ladder : []; }
+function kLadderOf(id) { const m = modelOf(id); return m ? m.k_ladder : []; }
 
 function updateLadder() {
   // Max G slides over the union of the selected models' ladders; the top position means "no limit".
@@ -105,28 +142,52 @@ function updateLadder() {
   slider.dataset.ladder = JSON.stringify(gs);
   slider.max = Math.max(1, gs.length);
   if (atTop || +slider.value > gs.length) slider.value = slider.max;
+  // k′ (the largest codes kept per token) only for models trained for it (ModelInfo.k_ladder)
+  const ks = [...new Set(selectedModels().flatMap(kLadderOf))].sort((a, b) => a - b);
+  const kSlider = $("max-k");
+  $("k-controls").hidden = !ks.length;
+  const kAtTop = +kSlider.value >= +kSlider.max;
+  kSlider.dataset.ladder = JSON.stringify(ks);
+  kSlider.max = Math.max(1, ks.length);
+  if (kAtTop || +kSlider.value > ks.length) kSlider.value = kSlider.max;
   showMaxG();
 }
 
-function maxG() {
-  const gs = JSON.parse($("max-g").dataset.ladder || "[]");
-  const i = +$("max-g").value;
-  return !gs.length || i >= gs.length ? null : gs[i - 1];
+function sliderValue(id) {
+  // a slider over a ladder; its top position means "no limit" (null)
+  const vs = JSON.parse($(id).dataset.ladder || "[]");
+  const i = +$(id).value;
+  return !vs.length || i >= vs.length ? null : vs[i - 1];
 }
+function maxG() { return sliderValue("max-g"); }
+function maxK() { return $("k-controls").hidden ? null : sliderValue("max-k"); }
 
 function showMaxG() {
-  const g = maxG();
+  const g = maxG(), k = maxK();
   $("max-g-label").textContent = g === null ? "full ladder" : `G ≤ ${g}`;
+  $("max-k-label").textContent = k === null ? "all k" : `k′ ≤ ${k}`;
 }
 
-function budget() {
-  const out = {};
-  const d = $("deadline").value.trim(), t = $("target-fvu").value.trim();
-  if (d) out.deadline_ms = Math.max(1, Math.round(+d));
-  if (t) out.target_fvu = +t;
-  const g = maxG();
-  if (g !== null) out.max_granularity = g;
-  return out;
+function number(id) {
+  const v = $(id).value.trim();
+  return v === "" ? null : +v;
+}
+
+function request(modelId) {
+  // the budget controls as a POST /api/stream body; k′ settings only reach models trained for them
+  const budget = {};
+  const d = number("deadline"), t = number("target-fvu"), tt = number("token-target"), g = maxG();
+  if (d !== null) budget.deadline_ms = Math.max(1, Math.round(d));
+  if (t !== null) budget.target_fvu = t;
+  if (tt !== null) budget.token_target_fvu = tt;
+  if (g !== null) budget.max_granularity = g;
+  const body = { model_id: modelId, budget, top: 8 };
+  if (kLadderOf(modelId).length) {
+    const k = maxK();
+    if (k !== null && k <= modelOf(modelId).k) budget.max_k = k;
+    if ($("axis-k").checked) Object.assign(body, { axis: "k", k_ladder: kLadderOf(modelId) });
+  }
+  return body;
 }
 
 // --- streaming --------------------------------------------------------------------------------
@@ -167,19 +228,24 @@ function streamPanel(modelId) {
       el("h2", {}, el("span", { class: "swatch", style: `background:${color}` }), modelId),
       el("span", { class: "badge" }, info ? `${info.architecture} · M=${info.d_sae} · k=${info.k}` : "unknown model")),
     el("div", { class: "ladder" }),
-    el("div", { class: "stats" }, stat("rungcount", "rung"), stat("g", "G"), stat("l0", "mean L0"),
-      stat("fvu", "FVU"), stat("ms", "elapsed ms"), stat("stop", "stopped")),
+    el("div", { class: "stats" }, stat("rungcount", "rung"), stat("g", "G"), stat("k", "k′"), stat("l0", "mean L0"),
+      stat("fvu", "FVU"), stat("refining", "refining"), stat("ms", "elapsed ms"), stat("stop", "stopped")),
+    el("div", { class: "strip", hidden: "" }),
     el("div", { class: "tokens" }, el("span", { class: "muted" }, "running the language model…")));
 }
 
 function renderHeader(panel, h) {
-  // the model's whole ladder, so a budget that stops early leaves the upper rungs visibly unreached
-  const full = ladderOf(panel.dataset.model);
-  const ladder = full.length && full[full.length - 1] >= h.ladder[h.ladder.length - 1] ? full : h.ladder;
+  // the model's whole ladder (G, or k′ on a k′ climb), so a budget that stops early leaves the
+  // upper rungs visibly unreached
+  panel.dataset.axis = h.axis;
+  const [full, got] = h.axis === "k" ? [kLadderOf(panel.dataset.model), h.k_ladder] : [ladderOf(panel.dataset.model), h.ladder];
+  const ladder = full.length && (!got.length || full[full.length - 1] >= got[got.length - 1]) ? full : got;
   panel.dataset.ladderSize = ladder.length;
-  panel.querySelector(".ladder").replaceChildren(
-    ...ladder.map((g) => el("span", { class: "rung", dataset: { g } }, g)));
+  panel.querySelector(".ladder").replaceChildren(...ladder.map((v) =>
+    el("span", { class: "rung", dataset: { v } }, h.axis === "k" ? `k′ ${v}` : v)));
   const toks = (h.tokens || Array.from({ length: h.n_tokens }, (_, i) => `#${i}`));
+  panel._toks = toks;
+  panel._l0 = toks.map(() => 0);
   panel._feats = toks.map(() => new Map());
   panel.querySelector(".tokens").replaceChildren(...toks.map((t, i) =>
     el("div", { class: "tok", dataset: { i } },
@@ -194,16 +260,25 @@ function renderRung(panel, r, modelId) {
   panel.dataset.g = r.g;
   const size = +panel.dataset.ladderSize || n;
   panel.querySelector(".rungcount").textContent = `${n} / ${size}`;
+  panel.dataset.k = r.k || "";
   panel.querySelector(".g").textContent = r.g;
+  panel.querySelector(".k").textContent = r.k || "all";
   panel.querySelector(".l0").textContent = fmt(r.mean_l0, 2);
   panel.querySelector(".fvu").textContent = fmt(r.fvu, 4);
+  panel.querySelector(".refining").textContent = r.refining === null ? "–" : `${r.refining} / ${panel._toks.length}`;
   panel.querySelector(".ms").textContent = fmt(r.elapsed_ms, 1);
+  const at = panel.dataset.axis === "k" ? r.k : r.g;
   panel.querySelectorAll(".ladder .rung").forEach((c) => {
-    if (+c.dataset.g <= r.g) c.classList.add("reached");
+    if (+c.dataset.v <= at) c.classList.add("reached");
   });
-  if (r.fvu !== null) (state.live[modelId] = state.live[modelId] || []).push({ x: r.g, y: r.fvu });
-  const maxL0 = Math.max(1, ...r.l0);
+  if (r.fvu !== null && panel.dataset.axis !== "k") (state.live[modelId] = state.live[modelId] || []).push({ x: r.g, y: r.fvu });
+  // with a per-token target a rung computes only the tokens still refining (r.tokens), one l0 row each
+  const rows = r.tokens.length ? r.tokens : panel._toks.map((_, i) => i);
+  rows.forEach((n, j) => { panel._l0[n] = r.l0[j] || 0; });
+  const computed = new Set(rows);
+  const maxL0 = Math.max(1, ...panel._l0);
   panel.querySelectorAll(".tok").forEach((tokEl, i) => {
+    tokEl.classList.toggle("settled", !computed.has(i));
     const feats = panel._feats[i];
     const fresh = new Set();
     for (const [lat, v] of r.features[i] || []) { feats.set(lat, v); fresh.add(lat); }
@@ -213,10 +288,54 @@ function renderRung(panel, r, modelId) {
         class: "feat" + (fresh.has(lat) ? " new" : ""), dataset: { latent: lat },
         style: `--h:${hue(lat)}`, title: `latent ${lat}: ${v.toFixed(3)} (first active at G=${r.g} or below)`,
         onclick: () => openCard(modelId, lat),
-      }, el("span", { class: "idx" }, lat), el("span", { class: "val" }, v.toFixed(2)))));
+      }, el("span", { class: "idx" }, lat), el("span", { class: "lbl" }, labelOf(modelId, lat)),
+      el("span", { class: "val" }, v.toFixed(2)))));
     tokEl.title = top.length ? top.map(([l, v]) => `${l}: ${v.toFixed(3)}`).join("\n") : "no active latent yet";
-    tokEl.querySelector(".l0bar span").style.width = `${(100 * (r.l0[i] || 0)) / maxL0}%`;
+    tokEl.querySelector(".l0bar span").style.width = `${(100 * panel._l0[i]) / maxL0}%`;
   });
+}
+
+function renderStrip(panel, e) {
+  // per-token target: each token coloured by the G (or k′) it stopped at, from green (first rung) to red
+  if (!e.token_final_g.length) return;
+  const k = panel.dataset.axis === "k";
+  const finals = k ? e.token_final_k : e.token_final_g;
+  const steps = [...panel.querySelectorAll(".ladder .rung")].map((c) => +c.dataset.v);
+  const shade = (v) => `--t:${steps.length > 1 ? Math.max(0, steps.indexOf(v)) / (steps.length - 1) : 0}`;
+  const met = e.token_met.filter(Boolean).length;
+  const strip = panel.querySelector(".strip");
+  strip.hidden = false;
+  strip.replaceChildren(
+    el("div", { class: "strip-head muted small" },
+      `Each token's final ${k ? "k′" : "G"} under the per-token target (${met} / ${finals.length} met it):`,
+      ...steps.map((v) => el("span", { class: "key", style: shade(v) }, v))),
+    el("div", { class: "strip-text" }, ...panel._toks.map((t, i) => el("span", {
+      class: "stok" + (e.token_met[i] ? "" : " unmet"), style: shade(finals[i]),
+      dataset: { final: finals[i], met: e.token_met[i] ? "1" : "0" },
+      title: `${JSON.stringify(t)}: final ${k ? "k′" : "G"} ${finals[i]}${e.token_met[i] ? "" : " (target not met)"}`,
+    }, showToken(t)))));
+}
+
+// --- feature labels (from the feature cards; a model without cards keeps bare indices) ----------
+
+function labelOf(modelId, latent) {
+  const m = state.labels[modelId];
+  return (m && m.get(latent)) || "";
+}
+
+async function fillLabels(panel, modelId) {
+  const have = state.labels[modelId] = state.labels[modelId] || new Map();
+  const want = [...new Set(panel._feats.flatMap((f) => [...f.keys()]))].filter((l) => !have.has(l));
+  if (want.length) {
+    try {
+      const got = await getJSON(`/api/labels?model_id=${encodeURIComponent(modelId)}&latents=${want.slice(0, 1024).join(",")}`);
+      for (const [l, text] of Object.entries(got.labels)) have.set(+l, text);
+    } catch (e) {
+      return;  // no cards for this model: chips keep their indices
+    }
+  }
+  panel.querySelectorAll(".feat").forEach((b) => { b.querySelector(".lbl").textContent = labelOf(modelId, +b.dataset.latent); });
+  panel.dataset.labels = "1";
 }
 
 function renderEnd(panel, e) {
@@ -228,23 +347,21 @@ function renderEnd(panel, e) {
   stop.className = "stop " + (e.rungs >= size ? "full" : "early");
   panel.querySelector(".ms").textContent = fmt(e.elapsed_ms, 1);
   if (!e.rungs) panel.querySelector(".rungcount").textContent = `0 / ${size}`;
+  renderStrip(panel, e);
 }
 
 async function streamOne(modelId, panel, text, signal) {
   let resp;
   try {
-    resp = await fetch("/api/stream", {
+    resp = await api("/api/stream", {
       method: "POST", headers: { "Content-Type": "application/json" }, signal,
-      body: JSON.stringify({ model_id: modelId, text, budget: budget(), top: 8 }),
+      body: JSON.stringify({ ...request(modelId), text }),
     });
   } catch (e) {
     if (signal.aborted) return;
     throw new Error(unreachable(e));
   }
-  if (!resp.ok) {
-    const body = await resp.json().catch(() => null);
-    throw new Error(body && body.message ? body.message : `HTTP ${resp.status}`);
-  }
+  if (!resp.ok) throw await failure(resp, "/api/stream");
   state.live[modelId] = [];
   panel.dataset.state = "streaming";
   try {
@@ -260,6 +377,7 @@ async function streamOne(modelId, panel, text, signal) {
     throw e;
   }
   if (panel.dataset.state === "streaming") throw new Error(`${modelId}: the stream ended without an end message`);
+  await fillLabels(panel, modelId);
 }
 
 async function run() {
@@ -280,6 +398,8 @@ async function run() {
   document.body.dataset.running = "1";
   const results = await Promise.allSettled(ids.map((id, i) => streamOne(id, panels[i], text, ctl.signal)));
   if (ctl !== state.controller) return;
+  const denied = results.find((r) => r.status === "rejected" && r.reason instanceof AuthError);
+  if (denied) askToken(denied.reason.message);
   const errors = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   results.forEach((r, i) => {
     if (r.status === "rejected") {
@@ -402,11 +522,17 @@ async function init() {
     $("server-status").textContent = `● connected · ${state.models.length} served models`;
     $("server-status").classList.add("ok");
   } catch (e) {
+    if (e instanceof AuthError) {
+      $("server-status").textContent = "● token needed";
+      askToken(e.message);
+      return;
+    }
     $("server-status").textContent = "● offline";
     $("server-status").classList.add("down");
     showError(e.message);
     return;
   }
+  $("server-status").classList.remove("down");
   fillModels();
   fillMetrics();
   drawCurves();
@@ -420,7 +546,10 @@ $("side-by-side").addEventListener("change", () => { $("model-b").disabled = !$(
 $("model-a").addEventListener("change", updateLadder);
 $("model-b").addEventListener("change", updateLadder);
 $("max-g").addEventListener("input", showMaxG);
-$("max-g").addEventListener("change", () => { if ($("streams").children.length) run(); });
+$("max-k").addEventListener("input", showMaxG);
+for (const id of ["max-g", "max-k", "axis-k"]) {
+  $(id).addEventListener("change", () => { if ($("streams").children.length) run(); });
+}
 $("chart-metric").addEventListener("change", drawCurves);
 $("card-close").addEventListener("click", () => { $("card").hidden = true; });
 init();
