@@ -50,7 +50,7 @@ def dense_reference(sae, codes: Codes, g: int, k: int | None) -> torch.Tensor:
     return (z @ sae.W_dec.double() + sae.b_dec.double()) / sae.scale
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(dims, st.data())
 def test_decode_at_g_k_matches_dense_reference(dims, data):
     sae, _, codes = make(*dims)
@@ -89,7 +89,7 @@ def _ladder(data, top: int) -> list[int]:
     return sorted(data.draw(st.sets(st.integers(1, top), min_size=1, max_size=6)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(dims, st.data())
 def test_incremental_steps_equal_direct_decode(dims, data):
     """Every step of a G climb (with or without a k' cap) and of a k' climb equals the direct
@@ -125,7 +125,7 @@ def test_plain_g_climb_is_the_progressive_stream(dims, data):
         assert (a.l0 == b.l0).all()
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(dims, st.data())
 def test_per_token_stop(dims, data):
     """A token stops at its first step with err <= target and is never computed again; no code
