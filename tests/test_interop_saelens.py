@@ -293,3 +293,16 @@ def test_folds_match_the_saelens_formulas(arch, apply_b_dec, rescale, k, c, seed
     x = torch.randn(20, d, generator=g, dtype=torch.float64)
     torch.testing.assert_close(sae.decode(sae.encode(x)), reference(w, x, arch, apply_b_dec, rescale, spec.k, c),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_shows_saelens_metadata_and_folds(tmp_path, capsys):
+    from progsae.cli.main import main
+
+    sae = inference_sae("topk", seed=9, k=K, apply_b_dec_to_input=False, rescale_acts_by_decoder_norm=True)
+    sae.save_model(tmp_path / "sl")
+    (tmp_path / "sl" / "ordering.safetensors").write_bytes(b"\x08\x00\x00\x00truncated")
+    assert main(["inspect", str(tmp_path / "sl")]) == 0
+    out = capsys.readouterr().out
+    assert "model        gpt2   layer 6   hook blocks.6.hook_resid_post" in out
+    assert "topk (SAELens topk; folded in: b_dec not subtracted, decoder norms)" in out
+    assert "ordering     unreadable:" in out and "ordering.safetensors" in out

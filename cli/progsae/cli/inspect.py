@@ -28,9 +28,19 @@ def describe(path: str) -> str:
 
     ck = checkpoint.load(path)
     m = ck.meta
+    source = m.extra.get("source")
+    if source == "saelens":
+        folds = [f for f, v in (("b_dec not subtracted", not m.extra.get("apply_b_dec_to_input", True)),
+                                ("decoder norms", m.extra.get("rescale_acts_by_decoder_norm"))) if v]
+        arch = f"{m.architecture} (SAELens {m.extra.get('saelens_architecture', '?')}"
+        arch += f"; folded in: {', '.join(folds)})" if folds else ")"
+    elif source == "sparsify":
+        arch = f"{m.architecture} (EleutherAI sparsify)"
+    else:
+        arch = m.architecture
     lines = [
         f"checkpoint   {ck.path}",
-        f"architecture {m.architecture}",
+        f"architecture {arch}",
         f"d_in         {m.d_in}",
         f"d_sae        {m.d_sae}",
         f"k            {m.k}",
@@ -39,7 +49,9 @@ def describe(path: str) -> str:
         f"model        {m.model or '-'}   layer {m.layer if m.layer is not None else '-'}   hook {m.hook or '-'}",
         f"trained on   {m.training_tokens:,} tokens",
     ]
-    if ck.orderings:
+    if ck.orderings_error:
+        lines.append(f"ordering     unreadable: {ck.orderings_error}")
+    elif ck.orderings:
         for name, o in ck.orderings.items():
             top = o.sorted_scores()[:3].tolist()
             lines.append(f"ordering     {name}: top scores {', '.join(f'{s:.4g}' for s in top)}")
