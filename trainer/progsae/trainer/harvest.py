@@ -71,7 +71,8 @@ class HarvestConfig:
     device: str = "cpu"
     """torch device for the forward pass (shards from different devices are not byte-identical)."""
     threads: int | None = None
-    """torch threads; default: the value recorded in an existing cache, else min(cores, 8)."""
+    """torch threads (per model copy); default: the value recorded in an existing cache, else min(cores, 8)
+    (with --ray-address: --ray-cpus). A cache's bytes may depend on it."""
     metrics_port: int | None = None
     """If set, serve Prometheus metrics (tokens, tokens/s) on this port."""
     progress: bool = True

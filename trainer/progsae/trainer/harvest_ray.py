@@ -139,6 +139,7 @@ class RayForward:
 
         address = self.opts.ray_address
         if not ray.is_initialized():
+            _probe(address or "")
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -171,7 +172,7 @@ class RayForward:
     def run(self, shards: Iterator[np.ndarray], progress: Callable[[int], None]
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
         lost_errors = (RayActorError, ActorUnavailableError)
         cfg, ready, load = self.cfg, [], {}
@@ -179,7 +180,7 @@ class RayForward:
         inflight: dict[Any, tuple[int, np.ndarray, Any]] = {}
         retry: list[tuple[int, np.ndarray]] = []  # (index, contexts) of lost workers' shards, lowest first
         finished: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        source, next_out, more, last_loss = enumerate(shards), 0, True, ""
+        source, next_out, more, last_loss, joined = enumerate(shards), 0, True, "", 0
         while True:
             free = [a for a in ready if load[a] < IN_FLIGHT]
             while free and (retry or more):
@@ -198,6 +199,8 @@ class RayForward:
             if not inflight and not retry and not more:
                 break
             waiting = [*inflight, *self.starting]
+            if not waiting and not joined:
+                raise ValueError(f"no Ray worker could load {cfg.model}: {last_loss}")
             if not waiting:
                 raise ValueError(f"every Ray worker was lost ({last_loss}); the whole shards written are kept: "
                                  "rerun the same command to resume")
@@ -219,14 +222,16 @@ class RayForward:
                 self.node_of[a] = info.node
                 ready.append(a)
                 load[a] = 0
+                joined += 1
+                self.log(f"ray: worker {joined} of {len(self.actors)} ready on node {info.node[:8]}")
                 continue
             i, ctx, a = inflight.pop(ref)
             load[a] -= 1
             try:
                 acts = ray.get(ref)
-            except lost_errors as e:
+            except (*lost_errors, ObjectLostError) as e:  # the worker, or the node holding its result, is gone
                 last_loss = _one_line(e)
-                if a in ready:
+                if a in ready and isinstance(e, lost_errors):
                     ready.remove(a)
                     self.log(f"ray: lost a worker ({last_loss}); {len(ready)} left, its shards go to them")
                 heapq.heappush(retry, (i, ctx))
@@ -268,6 +273,19 @@ class RayForward:
         if self.connected:
             ray.shutdown()
             self.connected = False
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """A host:port address must answer a TCP connect: Ray's own init retries an unreachable one for minutes."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # 'auto', 'local', ray://...: Ray answers those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"cannot connect to Ray at {address}: {e.strerror or e}") from None
 
 
 def _one_line(e: BaseException) -> str:
