@@ -24,6 +24,7 @@ from progsae.server.testing import free_port
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 from progsae.v1 import progsae_pb2_grpc as pb_grpc
+from tests.browser import chromium, new_page
 
 TOKEN = "ray-s3cret"
 ENV = "PROGSAE_TEST_AUTH_TOKEN"
@@ -108,6 +109,34 @@ def test_http_token(app):
     assert _http(app, "/api/models", "wrong")[0] == 401
     status, body = _http(app, "/api/models", TOKEN)
     assert status == 200 and json.loads(body)["models"]
+
+
+def test_dashboard_asks_for_the_token_once(app):
+    """The page asks for the token (again after a wrong one), then sends it on every /api call,
+    streams included, and a reload in the same session does not ask again."""
+    with chromium() as b, new_page(b) as page:
+        page.goto(app["http"] + "/")
+        page.wait_for_selector("#auth:not([hidden])")
+        assert "needs a token" in page.inner_text("#auth-msg") and "token needed" in page.inner_text("#server-status")
+        page.fill("#auth-token", "wrong")
+        page.click("#auth button")
+        page.wait_for_function("() => document.getElementById('auth-msg').textContent.includes('refused')")
+        assert page.is_visible("#auth")
+        page.fill("#auth-token", TOKEN)
+        page.click("#auth button")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.is_hidden("#auth") and "connected" in page.inner_text("#server-status")
+        sent: list[tuple[str, str | None]] = []
+        page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))) if "/api/" in r.url else None)
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.is_hidden("#auth")
+        page.fill("#text", "Hello there.")
+        page.click("#run")  # this server has no language model: the stream is refused for that, not for auth
+        page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
+        assert "language model" in page.inner_text("#error") and page.is_hidden("#auth")
+        assert {u.split("/api/")[1].split("?")[0] for u, _ in sent} >= {"models", "overview", "stream"}
+        assert all(h == f"Bearer {TOKEN}" for _, h in sent), sent
 
 
 def test_caps_through_ray(app):
