@@ -212,3 +212,67 @@ def test_interp_needs_token_ids(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stores no token ids" in err[0]
     assert not (mat / INTERP).exists()
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def test_report_renders_interp_tables_and_a_figure_per_measure(tmp_path):
+    from progsae.trainer.evaluate import EvalConfig, evaluate, save_result
+    from progsae.trainer.interp import save_result as save_interp
+
+    acts = fx.make_cache(tmp_path / "acts", n_contexts=160)
+    topk, mat = fx.make_checkpoints(tmp_path)
+    for ck in (topk, mat):
+        save_result(evaluate(ck, acts, EvalConfig(progress=False, rsa_tokens=200)), ck)
+    save_interp(interp(mat, acts, InterpConfig(absorption=False, n_top=10, n_random=60), log=lambda m: None),
+                mat / INTERP)
+    out = tmp_path / "report"
+    assert main(["report", str(mat), str(topk), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Interpretability across granularities" in md and "not a language model" in md
+    assert "No interp.json for: topk" in md
+    for key in ("simulation", "decoder_cos", "split_fraction"):
+        f = out / f"interp_{key}_vs_g.png"
+        assert f.is_file() and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({f.name})" in md
+    assert not (out / "interp_full_rate_vs_g.png").exists()  # absorption not measured: no figure
+    assert "| Matryoshka | " in md.split("### Simulation correlation")[1]
+
+
+def test_report_interp_claims_resolve_only_beyond_two_standard_errors():
+    from progsae.trainer.report_interp import InterpVariant, claims
+
+    def v(label, sim, se):
+        return InterpVariant(label, label, [8, 16], {"simulation": sim}, {"simulation": se})
+
+    got = dict((c, (verdict, d)) for c, verdict, d in claims([v("Matryoshka", [0.6, 0.4], [0.01, 0.01]),
+                                                              v("TopK sorted by E[a²]", [0.61, 0.5], [0.01, 0.01])]))
+    outer, vs_topk = got.values()
+    assert outer[0] == "yes"  # 0.4 vs 0.6, far beyond 2 se
+    assert vs_topk[0] == "unresolved" and "within 2 se" in vs_topk[1]  # 0.60 vs 0.61 is not resolved
+    got = claims([v("Matryoshka", [0.6, 0.7], [0.01, 0.01])])
+    assert got[0][1] == "**no**"
+
+
+# --- the real language model ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from progsae.lm.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def test_word_activations_with_the_cached_prefix_equal_a_full_forward(smollm2):
+    from progsae.lm.models import hidden_at_layer
+
+    words = ab.first_letter_words(smollm2.tokenizer, max_words=40, seed=1)
+    assert all(w.isalpha() and len(w) >= 2 for w in words.words)
+    assert [smollm2.tokenizer.decode([i]) for i in words.token_ids[:5]] == [" " + w for w in words.words[:5]]
+    prefix = ab.icl_prefix(smollm2, words, n_icl=2)
+    ids = words.token_ids[2:7]
+    got = ab.word_activations(smollm2, prefix, ids, layer=15, batch=3)
+    full = hidden_at_layer(smollm2.model, torch.tensor([[*prefix, t] for t in ids]), 15)[:, -1]
+    assert got.shape == (5, smollm2.d_model)
+    assert torch.allclose(got, full, rtol=1e-4, atol=1e-3 * float(full.abs().max()))

@@ -108,12 +108,19 @@ class AbsorptionConfig:
     """SAEBench's thresholds (defaults are its values)."""
 
     min_probe_f1: float = 0.6
+    """A letter is evaluated only if its probe's test F1 reaches this."""
     f1_jump: float = 0.03
+    """Main latents: k grows while the k-sparse probe's test F1 rises by more than this."""
     max_k: int = 10
+    """Main latents: at most this many."""
     full_cos: float = 0.025
+    """Full absorption: the top-projecting latent's decoder cosine with the probe must reach this."""
     fraction_cos: float = 0.1
+    """Absorption fraction: a candidate absorbing latent's decoder cosine with the probe must reach this."""
     proportion: float = 0.4
+    """Absorbing latents must carry at least this share of the activation's probe projection."""
     max_absorbers: int = 3
+    """Absorption fraction: at most this many absorbing latents are summed."""
 
 
 # --- words and activations ------------------------------------------------------------------
@@ -143,17 +150,52 @@ def icl_prefix(lm: LoadedModel, words: Words, n_icl: int) -> list[int]:
     return [lm.start_token_id, *ids]
 
 
+class _Stop(Exception):
+    def __init__(self, value: Tensor):
+        super().__init__("stop")
+        self.value = value
+
+
+def _run_to_layer(model: torch.nn.Module, layer: int, **kwargs: object) -> Tensor:
+    """hidden_states[layer] [B, T, d] of one forward call, stopped before decoder layer `layer` runs."""
+    from progsae.lm.models import decoder_layers
+
+    def grab(_mod: torch.nn.Module, args: tuple[object, ...], kw: dict[str, object]) -> None:
+        raise _Stop(args[0] if args else kw["hidden_states"])  # type: ignore[arg-type]
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**kwargs)
+    except _Stop as s:
+        return s.value
+    finally:
+        handle.remove()
+    raise RuntimeError(f"decoder layer {layer} never ran")
+
+
 @torch.no_grad()
 def word_activations(lm: LoadedModel, prefix: list[int], token_ids: list[int], layer: int,
                      batch: int = 64) -> Tensor:
-    """[n, d_model] activation at each word's position, the word following `prefix`."""
-    from progsae.lm.models import hidden_at_layer
+    """[n, d_model] activation at each word's position, the word following `prefix`.
+
+    The prefix runs once; its keys and values (of the layers below `layer`, all the word needs)
+    are repeated over each batch of words, so a word costs one position, not len(prefix) + 1.
+    """
+    import copy
+
+    from transformers import DynamicCache
 
     device = next(lm.model.parameters()).device
+    cache = DynamicCache()
+    _run_to_layer(lm.model, layer, input_ids=torch.tensor([prefix], device=device), cache=cache,
+                  use_cache=True)
     out = []
     for i in range(0, len(token_ids), batch):
-        ids = torch.tensor([[*prefix, t] for t in token_ids[i:i + batch]], device=device)
-        out.append(hidden_at_layer(lm.model, ids, layer)[:, -1, :].float().cpu())
+        ids = torch.tensor(token_ids[i:i + batch], device=device)[:, None]
+        c = copy.deepcopy(cache)
+        c.batch_repeat_interleave(len(ids))
+        h = _run_to_layer(lm.model, layer, input_ids=ids, cache=c, use_cache=True)
+        out.append(h[:, -1, :].float().cpu())
     return torch.cat(out)
 
 

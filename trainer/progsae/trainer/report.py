@@ -281,6 +281,9 @@ def write_report(paths: list[str], out: str | Path) -> Path:
         md.append(f"| {c.claim} | {c.verdict} | {c.detail} |")
     md += ["", "## Figures", ""] + [f"![{t}]({f.name})" for t, f in figs] + ["", "## Every metric at every G", ""]
     md.append(metric_tables(variants))
+    from progsae.trainer.report_interp import section  # imports matplotlib, as report_plots does
+
+    md += section(infos, out)
     md += ["## Power-law fits of the ordering scores", "", "| variant | scores | alpha | R² | n |",
            "|---|---|---:|---:|---:|"]
     for v in variants:
