@@ -139,3 +139,16 @@ def test_order_makes_it_progressive_and_it_serves(saved, tmp_path):
     codes = ordered.sae.encode(x)
     for r in rungs:  # each rung is the nested truncation of the mean_sq-ordered SAE at its G
         np.testing.assert_allclose(r.tensor, ordered.sae.decode(codes, r.g).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_damaged_ordering_file_still_serves_in_trained_order(saved, tmp_path):
+    from progsae.server.registry import Registry
+
+    _, sc = saved
+    sc.save_to_disk(tmp_path / "layers.6")
+    (tmp_path / "layers.6" / "ordering.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    reg = Registry(RegistryConfig(root=str(tmp_path)))
+    assert reg.resolve("layers.6").id == "layers.6@none"
+    x = inputs(seed=4)
+    torch.testing.assert_close(reg.get("layers.6").sae.decode(reg.get("layers.6").sae.encode(x)),
+                               sparsify_run(sc, x)[1], rtol=1e-5, atol=1e-5)

@@ -190,9 +190,12 @@ class Registry:
         if name not in self._orderings:
             try:
                 meta = checkpoint.load_meta(path)
-                stored = tuple(checkpoint.read_orderings(path, meta.d_sae))
             except checkpoint.CheckpointError as e:
                 raise not_found(f"model {name!r} is not loadable: {e}") from None
+            try:
+                stored = tuple(checkpoint.read_orderings(path, meta.d_sae))
+            except checkpoint.CheckpointError:  # a damaged ordering file: served in trained order
+                stored = ()
             self._orderings[name] = stored
         return self._orderings[name]
 
