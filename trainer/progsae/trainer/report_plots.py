@@ -191,9 +191,8 @@ def k_grid_figure(grids: list[tuple[str, KGridResult]], out: Path) -> Path | Non
                                  ("best (G, k')", r.best(), ("k", "", "-"))):
             c, m, ls = st
             ax.step([p.l0 for p in curve], [p.fvu for p in curve], where="post", color=c, linestyle=ls,
-                    linewidth=1.2 if label.startswith("best") else 1.6)
-            ax.plot([p.l0 for p in curve], [p.fvu for p in curve], color=c, marker=m or None, linestyle="",
-                    label=label, markersize=5)
+                    linewidth=1.2 if label.startswith("best") else 1.6, marker=m or None, markersize=5,
+                    label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("decode cost: mean active codes per token")
         ax.set_ylabel("FVU")
