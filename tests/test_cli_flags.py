@@ -254,7 +254,11 @@ def test_flags_and_defaults_kept():
     required = {cmd: sorted(a.option_strings[-1] for a in sub[cmd]._actions if a.required and a.option_strings)
                 for cmd in ("harvest", "train", "order", "eval", "features")}
     assert required == {"harvest": ["--out"], "train": ["--activations", "--out"], "order": ["--activations"],
-                        "eval": ["--activations"], "features": ["--activations"]}
+                        "eval": ["--activations"], "features": []}
+    # features reads a cache or a text file: one of the two, required
+    groups = [sorted(a.option_strings[-1] for a in g._group_actions)
+              for g in sub["features"]._mutually_exclusive_groups if g.required]
+    assert groups == [["--activations", "--texts"]]
 
 
 def test_help_stays_light():
