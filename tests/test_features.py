@@ -148,3 +148,18 @@ def test_cli_uses_the_outlier_factor_the_checkpoint_was_trained_with(setup, tmp_
     assert main([*args, "--outlier-factor", "0"]) == 0
     every = json.loads((mine / feature_cards.INFO).read_text())
     assert every["outlier_factor"] is None and every["tokens"] == N_CTX * (CONTEXT - 1)
+
+
+def test_label_names_a_latent_by_its_peaks_then_its_promoted_tokens():
+    P = feature_cards.PAD
+    win = torch.full((3, 3, 3), P)
+    win[0, :, 1] = torch.tensor([5, 5, 6])  # latent 0 peaks on " cat" twice, then on " dog"
+    win[0, :, 0] = 9  # context around the peak: never part of the label
+    t = {"density": torch.tensor([0.5, 0.0, 0.0]), "top_context": torch.tensor([[0, 1, 2], [P, P, P], [P, P, P]]),
+         "window_ids": win, "promoted_ids": torch.tensor([[8, 8], [7, 8], [P, P]])}
+    cards = feature_cards.FeatureCards(t, {"window": 1, "vocab": {"5": " cat", "6": " dog", "7": "\n", "8": "x"}})
+    assert cards.label(0) == "cat · dog" and cards.label(0, words=1) == "cat"
+    assert cards.label(1) == "'\\n' · x"  # never fired: its logit-lens tokens, whitespace shown
+    assert cards.label(2) == ""
+    with pytest.raises(IndexError):
+        cards.label(3)
