@@ -25,6 +25,9 @@ class TrainRun:
     """Checkpoint directory to write (its resumable state lives in OUT.training/)."""
     threads: int = 0
     """torch CPU threads (0: torch's choice)."""
+    device: str = "cpu"
+    """Where to train: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU). Resume on
+    the same device type for weights identical to an uninterrupted run."""
     progress: bool = True
     """Show a progress bar (stderr)."""
     metrics_port: int | None = None
@@ -46,6 +49,7 @@ def run(cfg: TrainConfig, opts: TrainRun) -> int:
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    out = train(cfg, opts.activations, opts.out, progress=opts.progress, metrics_port=opts.metrics_port)
+    out = train(cfg, opts.activations, opts.out, progress=opts.progress, metrics_port=opts.metrics_port,
+                device=opts.device)
     print(f"wrote {out}")
     return 0

@@ -14,6 +14,8 @@ from .outliers import DEFAULT, OutlierPolicy
 
 Arch = Literal["topk", "matryoshka"]
 ARCHS: tuple[Arch, ...] = ("topk", "matryoshka")
+Precision = Literal["float32", "tf32", "bfloat16"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "tf32", "bfloat16")
 
 DEAD_TOKENS_MAX = 10_000_000
 """Gao et al.'s dead window; runs shorter than 10x this use a tenth of their budget."""
@@ -101,6 +103,12 @@ class TrainConfig:
     log_every: int = 10
     """Steps between jsonl log lines."""
 
+    dtype: Precision = "float32"
+    """Precision of the encoder's dense [B, M] matmul, the bulk of a step: float32; tf32 (CUDA
+    only: TensorFloat-32 matmuls, float32 accumulation); bfloat16 (inputs rounded to bfloat16,
+    float32 accumulation on CUDA; the selection and the selected values come from it).
+    Decode, losses, gradients and Adam stay float32. A resume must use the same."""
+
     def __post_init__(self) -> None:
         from progsae.sae.codec import default_ladder
 
@@ -151,6 +159,8 @@ class TrainConfig:
             raise ValueError("log_every must be positive")
         if self.lr < 0 or not 0 <= self.lr_decay_frac <= 1:
             raise ValueError("lr must be >= 0 and lr_decay_frac in [0, 1]")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(PRECISIONS)}")
         if not isinstance(self.outlier_factor, OutlierPolicy):
             raise TypeError(f"outlier_factor must be an OutlierPolicy, got {self.outlier_factor!r}")
 
@@ -207,6 +217,8 @@ class TrainConfig:
             del d["k_ladder"]
         if not self.auto_ladder:
             del d["auto_ladder"]
+        if self.dtype == "float32":  # likewise
+            del d["dtype"]
         return d
 
     @classmethod

@@ -13,9 +13,11 @@ class DeadTracker:
     The counter is part of the resumable training state.
     """
 
-    def __init__(self, d_sae: int, window: int, since_fired: Tensor | None = None):
+    def __init__(self, d_sae: int, window: int, since_fired: Tensor | None = None,
+                 device: torch.device | str = "cpu"):
         self.window = window
-        self.since_fired = torch.zeros(d_sae, dtype=torch.long) if since_fired is None else since_fired
+        # on the training device: dead ids index that device's pre-activations
+        self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=device) if since_fired is None else since_fired
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.window

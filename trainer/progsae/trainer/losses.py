@@ -188,7 +188,7 @@ class _PrefixSSE(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor, _ge: Any):  # type: ignore[override]
         partials, r_last = ctx.saved_tensors
         n = partials.shape[0]
-        gs = [2 * float(v) for v in g]
+        gs = (2 * g).tolist()  # one device sync, not one per rung
         grad_p = torch.empty_like(partials)
         for row in range(0, r_last.shape[0], CHUNK_ROWS):
             sl = slice(row, row + CHUNK_ROWS)

@@ -72,13 +72,16 @@ def scatter_rows_by_latent(bags: LatentBags, rows: Tensor, row_of_entry: Tensor,
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
-                dead: Tensor | None, k_aux: int) -> tuple[Tensor, ...]:
-        pre = torch.addmm(b_enc, x_in, W_enc)
+                dead: Tensor | None, k_aux: int, matmul_dtype: torch.dtype | None) -> tuple[Tensor, ...]:
+        if matmul_dtype is None or matmul_dtype == x_in.dtype:
+            pre = torch.addmm(b_enc, x_in, W_enc)
+        else:
+            pre = torch.addmm(b_enc.to(matmul_dtype), x_in.to(matmul_dtype), W_enc.to(matmul_dtype))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
-        vals = vals.clamp_min(0)
+        vals = vals.clamp_min(0).to(x_in.dtype)
         if dead is not None and dead.numel() > 0 and k_aux > 0:
             a_vals, a_pos = pre.index_select(1, dead).topk(min(k_aux, dead.numel()), dim=-1, sorted=False)
-            a_idx, a_vals = dead[a_pos], a_vals.clamp_min(0)
+            a_idx, a_vals = dead[a_pos], a_vals.clamp_min(0).to(x_in.dtype)
         else:
             a_idx = idx.new_zeros(idx.shape[0], 0)
             a_vals = vals.new_zeros(vals.shape[0], 0)
@@ -105,18 +108,22 @@ class _TopKEncode(torch.autograd.Function):
                 gw = scatter_rows_by_latent(lb, x_in, tokens, g.reshape(-1))
                 grad_W = gw if grad_W is None else grad_W.add_(gw)
             if ctx.needs_input_grad[2]:
-                gb = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device)
-                gb.index_add_(0, i.reshape(-1), g.reshape(-1))
+                # a sum per latent over its bag, not index_add_: CUDA's index_add_ adds with
+                # atomics in no fixed order, and a resumed run must repeat the same floats
+                flat = g.reshape(-1, 1)
+                entry = torch.arange(flat.shape[0], device=flat.device)
+                gb = scatter_rows_by_latent(lb, flat, entry, torch.ones_like(flat[:, 0])).squeeze(1)
                 grad_b = gb if grad_b is None else grad_b.add_(gb)
-        return grad_x, None if grad_W is None else grad_W.t(), grad_b, None, None, None
+        return grad_x, None if grad_W is None else grad_W.t(), grad_b, None, None, None, None
 
 
 def topk_encode(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
-                dead: Tensor | None = None, k_aux: int = 0) -> Selection:
-    """Top-k of ReLU(x_in @ W_enc + b_enc) over all latents; with `dead` ([n] int64 latent ids)
-    also the top-min(k_aux, n) among those latents (for AuxK). Differentiable w.r.t. x_in,
-    W_enc and b_enc through the selected values only."""
-    v, i, av, ai, o, off, ao, aoff = _TopKEncode.apply(x_in, W_enc, b_enc, k, dead, k_aux)
+                dead: Tensor | None = None, k_aux: int = 0, matmul_dtype: torch.dtype | None = None) -> Selection:
+    """Top-k of ReLU(x_in @ W_enc + b_enc) over all latents; with `dead` ([n] int64 latent ids,
+    on x_in's device) also the top-min(k_aux, n) among those latents (for AuxK). Differentiable
+    w.r.t. x_in, W_enc and b_enc through the selected values only. `matmul_dtype` (e.g.
+    bfloat16): the dense matmul runs in it, values come back in x_in's dtype."""
+    v, i, av, ai, o, off, ao, aoff = _TopKEncode.apply(x_in, W_enc, b_enc, k, dead, k_aux, matmul_dtype)
     return Selection(v, i, av, ai, LatentBags(o, off), LatentBags(ao, aoff))
 
 

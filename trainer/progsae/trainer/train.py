@@ -16,13 +16,15 @@ decoding that batch through the saved checkpoint reproduces a logged number.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import queue
 import shutil
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import torch
 from progsae.sae import checkpoint
 from progsae.sae.checkpoint import CheckpointMeta
 from progsae.sae.codec import SAE
+from progsae.sae.devices import resolve_device
 from progsae.sae.metrics import fvu as batch_fvu
 
 from . import train_state as ts
@@ -39,14 +42,15 @@ from .config import TrainConfig
 from .dead_latents import DeadTracker
 from .losses import TrainableSAE, band_partials, optimizer_step
 from .sae_init import init_b_dec, norm_scale
-from .sparse_topk import topk_encode
+from .sparse_topk import Selection, topk_encode
 
 # Settings that may differ between a run and its resumption (they change no weights).
 RESUMABLE_KEYS = ("checkpoint_every", "log_every")
 
 
-def _prefetch(it: Iterator[torch.Tensor], depth: int = 2) -> Generator[torch.Tensor, None, None]:
-    """Read batches on a background thread (numpy gathers release the GIL)."""
+def _prefetch(it: Iterator[torch.Tensor], depth: int = 2, pin: bool = False) -> Generator[torch.Tensor, None, None]:
+    """Read batches on a background thread (numpy gathers release the GIL); `pin`: into pinned
+    host memory, so the copy to a CUDA device can overlap."""
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     done = object()
@@ -63,7 +67,7 @@ def _prefetch(it: Iterator[torch.Tensor], depth: int = 2) -> Generator[torch.Ten
     def work() -> None:
         try:
             for x in it:
-                if not put(x):
+                if not put(x.pin_memory() if pin else x):
                     return
         except BaseException as e:  # surfaced in the consumer
             put(e)
@@ -111,6 +115,23 @@ def _plan(cfg: TrainConfig, n_rows: int) -> tuple[int, int]:
     if steps == 0:
         raise ValueError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
     return steps, math.ceil(steps / per_epoch)
+
+
+@contextlib.contextmanager
+def _precision(dtype: str, device: torch.device) -> Iterator[Callable[..., Selection]]:
+    """The encoder for TrainConfig.dtype on `device` (tf32: CUDA matmuls allow TF32 inside)."""
+    if dtype == "bfloat16":
+        yield functools.partial(topk_encode, matmul_dtype=torch.bfloat16)
+        return
+    if dtype != "tf32":
+        yield topk_encode
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield topk_encode
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _same_config(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -169,10 +190,17 @@ def _fvus_now(sae: TrainableSAE, x: torch.Tensor, k: int, ladder: tuple[int, ...
 
 
 def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: bool = True,
-          max_steps: int | None = None, metrics_port: int | None = None) -> Path:
+          max_steps: int | None = None, metrics_port: int | None = None, device: str = "cpu") -> Path:
     """Train (or resume) and write the checkpoint `out`. `max_steps` stops early (tests);
-    `metrics_port` serves Prometheus gauges of the progress."""
+    `metrics_port` serves Prometheus gauges of the progress; `device` (devices.resolve_device):
+    where the weights, optimiser state and batches live. The initial weights are drawn on the
+    CPU, so every device starts from the same ones; state and checkpoint are saved from CPU
+    copies. A run resumed on the device it started on ends with the weights of an uninterrupted
+    one; moved to another device type it continues from the same state, not bit for bit."""
     cfg.validate()
+    dev = resolve_device(device)
+    if cfg.dtype == "tf32" and dev.type != "cuda":
+        raise ValueError(f"--dtype tf32 needs a CUDA device, this run is on {dev}; use float32 or bfloat16")
     out = Path(out)
     cache = ActivationCache(activations, outliers=cfg.outlier_factor)
     d_in, man = cache.d_model, cache.manifest
@@ -187,10 +215,10 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
     M, B = cfg.d_sae, cfg.batch_size
 
     torch.manual_seed(cfg.seed)
-    sae = TrainableSAE(d_in, M, torch.Generator().manual_seed(cfg.seed))
+    sae = TrainableSAE(d_in, M, torch.Generator().manual_seed(cfg.seed)).to(dev)
     params = dict(sae.named_parameters())
     opt = torch.optim.Adam([params[n] for n in ts.PARAMS], lr=cfg.base_lr(), betas=cfg.betas, eps=cfg.eps)
-    tracker = DeadTracker(M, window)
+    tracker = DeadTracker(M, window, device=dev)
     since_fired = tracker.since_fired
     sd = ts.state_dir(out)
     t_init = time.perf_counter()
@@ -207,7 +235,7 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
         (sd / ts.LOG).write_text("")
     init_s = time.perf_counter() - t_init
     step, scale = meta.step, meta.scale
-    ladder, weights, k_ladder = cfg.loss_ladder(), torch.tensor(cfg.weights()), cfg.loss_k_ladder()
+    ladder, weights, k_ladder = cfg.loss_ladder(), torch.tensor(cfg.weights(), device=dev), cfg.loss_k_ladder()
 
     from tqdm import tqdm
 
@@ -218,19 +246,22 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
     log = open(sd / ts.LOG, "a")
     t_run, t_log, tok_log = time.perf_counter(), time.perf_counter(), meta.tokens
     seconds0 = meta.seconds
-    batches = _prefetch(cache.batches(B, shuffle=True, seed=cfg.seed, start_batch=step, epochs=epochs))
+    batches = _prefetch(cache.batches(B, shuffle=True, seed=cfg.seed, start_batch=step, epochs=epochs),
+                        pin=dev.type == "cuda")
+    stack = contextlib.ExitStack()
+    encode = stack.enter_context(_precision(cfg.dtype, dev))
     try:
         for x in batches:
             if step >= total_steps or (max_steps is not None and step >= max_steps):
                 break
-            x = x * scale
+            x = x.to(dev, non_blocking=True) * scale
             dead_mask = tracker.dead_mask()
             dead = tracker.dead_ids()
             lr = cfg.lr_at(step, total_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             o = optimizer_step(sae, opt, x, cfg.k, ladder, weights, dead, k_aux, cfg.auxk_coef,
-                               k_ladder=k_ladder)
+                               encode=encode, k_ladder=k_ladder)
             if not torch.isfinite(o.loss):
                 raise RuntimeError(f"loss is {float(o.loss)} at step {step}; lower --lr (state kept in {sd})")
             tracker.update(o.sel.indices, o.sel.values, B)
@@ -256,6 +287,7 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
                 meta.seconds = seconds0 + time.perf_counter() - t_run
                 ts.save_state(sd, sae, opt, since_fired, meta)
     finally:
+        stack.close()
         batches.close()
         bar.close()
         log.close()
@@ -270,8 +302,9 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
             dead: torch.Tensor, window: int, k_aux: int, total_steps: int, init_s: float) -> Path:
     man = cache.manifest
     sd = ts.state_dir(out)
-    final = SAE(W_enc=sae.W_enc.detach().clone(), W_dec=sae.W_dec.detach().clone(),
-                b_enc=sae.b_enc.detach().clone(), b_dec=sae.b_dec.detach().clone(), k=cfg.k, scale=meta.scale)
+    final = SAE(W_enc=sae.W_enc.detach().cpu().clone(), W_dec=sae.W_dec.detach().cpu().clone(),
+                b_enc=sae.b_enc.detach().cpu().clone(), b_dec=sae.b_dec.detach().cpu().clone(), k=cfg.k,
+                scale=meta.scale)  # CPU copies: the checkpoint names no device
     outliers = cache.outliers()
     extra = {
         "train_config": cfg.to_dict(),
@@ -289,6 +322,7 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
         "init_time_s": init_s,
         "tokens_per_s": meta.tokens / meta.seconds if meta.seconds > 0 else None,
         "threads": torch.get_num_threads(),
+        "trained_on": str(next(sae.parameters()).device),
     }
     if cfg.loss_k_ladder():  # trained for decode at each k' (eval and serving read it here)
         extra["k_ladder"] = list(cfg.k_ladder)
