@@ -19,7 +19,6 @@ orderings names the damage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,12 +32,13 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 
 from . import ordering as ordmod
 from . import saelens_cfg, sparsify_format
 from .codec import SAE, Activation, check_ladder, default_ladder
 from .ordering import Ordering
+from .safe_files import atomic_write, tensor_digest, umask
+from .safe_files import st_bytes as _st_bytes
 
 FORMAT_VERSION = 1
 CFG, WEIGHTS, ORDERING, METRICS = "cfg.json", "sae_weights.safetensors", "ordering.safetensors", "metrics.json"
@@ -101,44 +101,6 @@ class Checkpoint:
 # --- writing ------------------------------------------------------------------------------
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return st_save(tensors, metadata={"progsae_sha256": _tensor_digest(tensors)})
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file via temp + fsync + rename: readers see the old or the new file, whole."""
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cfg_dict(meta: CheckpointMeta) -> dict[str, Any]:
     ours = asdict(meta)
     ours["granularities"] = list(meta.granularities)
@@ -170,7 +132,7 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~umask())
         (tmp / WEIGHTS).write_bytes(_st_bytes(_weights(sae)))
         if orderings:
             (tmp / ORDERING).write_bytes(_st_bytes(_ordering_tensors(orderings)))
@@ -351,7 +313,7 @@ def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
             digest = header.get("progsae_sha256")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
-    if digest is not None and digest != _tensor_digest(tensors):
+    if digest is not None and digest != tensor_digest(tensors):
         raise CheckpointError(f"{f}: checksum mismatch (file corrupted)")
     return tensors
 
