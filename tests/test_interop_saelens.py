@@ -117,6 +117,7 @@ def training_sae(arch: str, seed: int, **cfg) -> sae_lens.TrainingSAE:
 TRAINING = [("topk", {"k": K}), ("topk", {"k": K, "rescale_acts_by_decoder_norm": False}),
             ("topk", {"k": K, "apply_b_dec_to_input": False}),
             ("batchtopk", {"k": K}), ("batchtopk", {"k": K, "rescale_acts_by_decoder_norm": False}),
+            ("batchtopk", {"k": K, "apply_b_dec_to_input": False}),
             ("matryoshka_batchtopk", {"k": K, "matryoshka_widths": [32, 128, M]}),
             ("jumprelu", {}), ("jumprelu", {"apply_b_dec_to_input": False}), ("standard", {})]
 
