@@ -62,10 +62,11 @@ def get_json(app, path: str) -> tuple[int, dict]:
 def test_page_and_static(app):
     status, body, ctype = get(app, "/")
     assert status == 200 and ctype.startswith("text/html") and b'id="streams"' in body
-    for name, kind in (("app.js", "javascript"), ("chart.js", "javascript"), ("style.css", "css")):
+    for name, kind in (("app.js", "javascript"), ("api.js", "javascript"), ("card.js", "javascript"),
+                       ("chart.js", "javascript"), ("style.css", "css")):
         status, body, ctype = get(app, f"/static/{name}")
         assert status == 200 and kind in ctype and body
-    for name in ("/", "/static/app.js", "/static/chart.js", "/static/style.css"):  # offline: nothing remote
+    for name in ("/", *(f"/static/{f}" for f in ("app.js", "api.js", "card.js", "chart.js", "style.css"))):  # offline
         assert not re.findall(rb"https?://(?!www\.w3\.org/2000/svg)", get(app, name)[1]), name
     assert get(app, "/static/secret.py")[0] == 404
     assert get(app, "/static/..%2Fdashboard.py")[0] == 404
@@ -89,7 +90,7 @@ def test_feature_card_maps_served_index_to_trained_order(app):
     assert status == 200 and c["served_index"] == 0 and c["latent"] == int(perm[0])
     want = cards.card(int(perm[0]))
     assert c["density"] == pytest.approx(want["density"]) and c["contexts"] == want["contexts"]
-    assert c["promoted"] and c["logit_lens"] and not c["stale"]
+    assert c["promoted"] and c["logit_lens"] and not c["stale"] and c["label"] == cards.label(int(perm[0]))
     _, same = get_json(app, f"/api/feature?model_id=topk@none&latent={int(perm[0])}")
     assert same["latent"] == c["latent"]
     _, top = get_json(app, "/api/feature?model_id=mat&latent=0")
@@ -193,6 +194,7 @@ def test_browser_end_to_end(page, app, tmp_path):
     named = [(int(chips.nth(i).get_attribute("data-latent")), chips.nth(i).locator(".lbl").inner_text())
              for i in range(chips.count())]
     assert all(text == cards.label(lat) for lat, text in named) and sum(bool(t) for _, t in named) > len(named) / 2
+    assert page.inner_text("#card .card-label") == cards.label(int(page.get_attribute("#card", "data-latent")))
     # live FVU markers on the chart
     assert page.locator("#chart .marker").count() == 2
     page.screenshot(path=str(shots / "feature-card.png"), full_page=True)

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
     from .service import CodecService
 
 STATIC = Path(__file__).resolve().parent / "static"
-STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "chart.js": "text/javascript",
-                "style.css": "text/css", "favicon.svg": "image/svg+xml"}
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "api.js": "text/javascript",
+                "card.js": "text/javascript", "chart.js": "text/javascript", "style.css": "text/css",
+                "favicon.svg": "image/svg+xml"}
 CURVE_KEYS = ("g", "fvu", "ce_recovered", "l0")
 MAX_LABELS = 1024
 
@@ -81,7 +82,8 @@ class Dashboard:
         cards = self._load_cards(spec.path, spec.name)
         card = cards.card(original)
         info = cards.info
-        return {**card, "model_id": spec.id, "served_index": index, "ordering": spec.ordering,
+        return {**card, "label": cards.label(original), "model_id": spec.id, "served_index": index,
+                "ordering": spec.ordering,
                 "stale": bool(info.get("stale")), "tokens": info.get("tokens"), "top_n": info.get("top_n"),
                 "window": info.get("window"), "logit_lens": info.get("logit_lens", False)}
 

@@ -1,4 +1,5 @@
 // progsae dashboard: text -> tokens -> each token's features, refined rung by rung (POST /api/stream, SSE).
+// api.js talks to the server (token, errors), card.js shows feature cards and chip labels.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,7 +11,6 @@ const state = {
   limits: {},
   labels: {},          // model_id -> Map(latent -> short label from its feature card)
 };
-const TOKEN_KEY = "progsae-token";  // the server's bearer token, asked once per browser session
 const PALETTE = ["#3056d3", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c7cfa"];
 const STOP_TEXT = {
   ladder_done: "reached the top of the ladder",
@@ -39,59 +39,6 @@ function hue(latent) { return (Math.imul(latent + 1, 2654435761) >>> 0) % 360; }
 function fmt(v, d = 3) { return v === null || v === undefined ? "–" : (+v).toFixed(d); }
 function pct(v) { return v >= 0.01 ? (100 * v).toFixed(2) + "%" : (100 * v).toPrecision(2) + "%"; }
 function showToken(t) { return t.replace(/\n/g, "⏎").replace(/ /g, "\u00a0") || "∅"; }
-
-// --- errors -----------------------------------------------------------------------------------
-
-function showError(msg) {
-  const box = $("error");
-  box.textContent = msg;
-  box.hidden = false;
-}
-function clearError() { $("error").hidden = true; $("error").textContent = ""; }
-function unreachable(e) {
-  return `Cannot reach the progsae server (${e.message || e}). Is it running? Start it with \`progsae serve\`.`;
-}
-
-// --- auth: with a server token, every /api call sends it; a 401 asks for it (once a session) ---
-
-class AuthError extends Error {}
-
-function api(url, opts = {}) {
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  const headers = { ...(opts.headers || {}), ...(token ? { Authorization: `Bearer ${token}` } : {}) };
-  return fetch(url, { ...opts, headers });
-}
-
-async function failure(resp, url) {
-  const body = await resp.json().catch(() => null);
-  const msg = body && body.message ? body.message : `HTTP ${resp.status} from ${url}`;
-  return resp.status === 401 ? new AuthError(msg) : new Error(msg);
-}
-
-function askToken(reason) {
-  const had = sessionStorage.getItem(TOKEN_KEY);
-  sessionStorage.removeItem(TOKEN_KEY);
-  $("auth-msg").textContent = had ? `The server refused that token (${reason}).` : "This server needs a token.";
-  $("auth").hidden = false;
-  $("auth-token").focus();
-}
-
-$("auth").addEventListener("submit", (e) => {
-  e.preventDefault();
-  const token = $("auth-token").value.trim();
-  if (!token) return;
-  sessionStorage.setItem(TOKEN_KEY, token);
-  $("auth-token").value = "";
-  $("auth").hidden = true;
-  init();
-});
-
-async function getJSON(url) {
-  let resp;
-  try { resp = await api(url); } catch (e) { throw new Error(unreachable(e)); }
-  if (!resp.ok) throw await failure(resp, url);
-  return resp.json();
-}
 
 // --- models and budget controls ---------------------------------------------------------------
 
@@ -316,28 +263,6 @@ function renderStrip(panel, e) {
     }, showToken(t)))));
 }
 
-// --- feature labels (from the feature cards; a model without cards keeps bare indices) ----------
-
-function labelOf(modelId, latent) {
-  const m = state.labels[modelId];
-  return (m && m.get(latent)) || "";
-}
-
-async function fillLabels(panel, modelId) {
-  const have = state.labels[modelId] = state.labels[modelId] || new Map();
-  const want = [...new Set(panel._feats.flatMap((f) => [...f.keys()]))].filter((l) => !have.has(l));
-  if (want.length) {
-    try {
-      const got = await getJSON(`/api/labels?model_id=${encodeURIComponent(modelId)}&latents=${want.slice(0, 1024).join(",")}`);
-      for (const [l, text] of Object.entries(got.labels)) have.set(+l, text);
-    } catch (e) {
-      return;  // no cards for this model: chips keep their indices
-    }
-  }
-  panel.querySelectorAll(".feat").forEach((b) => { b.querySelector(".lbl").textContent = labelOf(modelId, +b.dataset.latent); });
-  panel.dataset.labels = "1";
-}
-
 function renderEnd(panel, e) {
   panel.dataset.state = "done";
   panel.dataset.stop = e.stop_reason;
@@ -410,49 +335,6 @@ async function run() {
   if (errors.length) showError([...new Set(errors)].join("\n"));
   delete document.body.dataset.running;
   drawCurves();
-}
-
-// --- feature card -----------------------------------------------------------------------------
-
-async function openCard(modelId, latent) {
-  const card = $("card"), body = $("card-body");
-  card.hidden = false;
-  card.dataset.state = "loading";
-  $("card-title").textContent = `Latent ${latent}`;
-  body.replaceChildren(el("p", { class: "muted" }, "loading…"));
-  let c;
-  try {
-    c = await getJSON(`/api/feature?model_id=${encodeURIComponent(modelId)}&latent=${latent}`);
-  } catch (e) {
-    card.dataset.state = "error";
-    body.replaceChildren(el("p", { class: "error inline" }, e.message));
-    return;
-  }
-  card.dataset.state = "ready";
-  card.dataset.latent = latent;
-  $("card-title").replaceChildren(`Latent ${c.served_index}`, el("span", { class: "badge" }, c.model_id),
-    c.ordering !== "none" ? el("span", { class: "muted small" }, ` trained index ${c.latent}`) : "");
-  const stats = el("div", { class: "stats" },
-    ...[["density", pct(c.density)], ["mean act", fmt(c.mean)], ["max act", fmt(c.max)],
-      ["corpus tokens", (c.tokens || 0).toLocaleString()]].map(([k, v]) =>
-      el("div", { class: "stat" }, el("span", {}, k), el("b", {}, v))));
-  const contexts = c.contexts.length ? c.contexts.map((ctx) => {
-    const peak = Math.max(1e-9, ...ctx.acts);
-    return el("div", { class: "ctx" }, el("span", { class: "ctx-val" }, ctx.value.toFixed(2)),
-      el("span", { class: "ctx-text" }, ...ctx.tokens.map((t, j) => el("span", {
-        class: "ctok" + (j === ctx.peak ? " peak" : ""), title: `${ctx.acts[j].toFixed(3)}`,
-        style: `--a:${Math.max(0, ctx.acts[j]) / peak}`,
-      }, t.replace(/\n/g, "⏎ ")))));
-  }) : [el("p", { class: "muted" }, "never fired on the corpus sample")];
-  const promoted = c.promoted.length
-    ? el("div", { class: "promoted" }, ...c.promoted.map((p) =>
-      el("span", { class: "ptok", title: `logit ${p.logit}` }, showToken(p.token))))
-    : el("p", { class: "muted" }, "no logit lens was computed for these cards");
-  body.replaceChildren(
-    c.stale ? el("p", { class: "error inline" }, "These cards predate the current weights: rerun progsae features.") : "",
-    stats, el("h3", {}, "Top activating contexts"), el("div", { class: "contexts" }, ...contexts),
-    el("h3", {}, "Promoted output tokens (logit lens)"), promoted);
-  card.scrollIntoView({ behavior: "smooth", block: "nearest" });
 }
 
 // --- chart ------------------------------------------------------------------------------------
@@ -551,5 +433,14 @@ for (const id of ["max-g", "max-k", "axis-k"]) {
   $(id).addEventListener("change", () => { if ($("streams").children.length) run(); });
 }
 $("chart-metric").addEventListener("change", drawCurves);
+$("auth").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = $("auth-token").value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("auth-token").value = "";
+  $("auth").hidden = true;
+  init();
+});
 $("card-close").addEventListener("click", () => { $("card").hidden = true; });
 init();
