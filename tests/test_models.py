@@ -37,6 +37,21 @@ def test_loaded_model_facts(lm: M.LoadedModel) -> None:
     assert (M.converted_dir("smollm2-135m") / M.CONVERTED_MARKER).is_file()
 
 
+def test_tokenizer_alone_is_the_models_text_side(lm: M.LoadedModel) -> None:
+    """A Ray harvest's driver tokenizes with load_tokenizer while its workers run load_model's model."""
+    t = M.load_tokenizer("smollm2-135m")
+    assert (t.alias, t.source, t.d_model, t.start_token, t.start_token_id, t.sep_token, t.sep_token_id) == (
+        lm.alias, lm.source, lm.d_model, lm.start_token, lm.start_token_id, lm.sep_token, lm.sep_token_id)
+    text = "Whales are marine mammals that breathe air."
+    assert t.tokenizer(text, add_special_tokens=False)["input_ids"] == lm.tokenizer(
+        text, add_special_tokens=False)["input_ids"]
+    chat = M.load_tokenizer("smollm2-135m", start_token="<|im_start|>")
+    im_start = lm.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert (chat.start_token, chat.start_token_id) == ("<|im_start|>", im_start) and im_start != lm.start_token_id
+    with pytest.raises(ValueError, match="'no such token' is not a single token of smollm2-135m"):
+        M.load_tokenizer("smollm2-135m", start_token="no such token")
+
+
 @pytest.mark.parametrize("layer", [0, 1, 15, 29])
 def test_hidden_at_layer_is_hidden_states(lm, ids, full, layer: int) -> None:
     h = M.hidden_at_layer(lm.model, ids, layer)
