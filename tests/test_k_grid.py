@@ -123,3 +123,17 @@ def test_report_draws_the_cost_figure(world, tmp_path):
     f = report_plots.k_grid_figure([("mat", r)], tmp_path)
     assert f is not None and f.stat().st_size > 5000
     assert report_plots.k_grid_figure([], tmp_path) is None
+
+
+def test_a_later_eval_without_k_grid_keeps_the_grid(world, tmp_path):
+    ck = tmp_path / "mat"
+    import shutil
+
+    shutil.copytree(world["mat"], ck)
+    args = ["eval", str(ck), "--activations", str(world["acts"]), "--rsa-tokens", "100"]
+    assert main([*args, "--k-grid", "2,4"]) == 0
+    assert main(args) == 0
+    assert json.loads((ck / "metrics.json").read_text())["k_grid"]["k_grid"] == [2, 4]
+    other = fx.make_cache(tmp_path / "other")  # other activations: the old grid no longer applies
+    assert main(["eval", str(ck), "--activations", str(other), "--rsa-tokens", "100", "--max-tokens", "200"]) == 0
+    assert "k_grid" not in json.loads((ck / "metrics.json").read_text())

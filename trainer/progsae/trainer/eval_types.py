@@ -178,7 +178,8 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """New results win; old entries survive if measured the same way.
 
     Same way = same activations, rows, outlier policy and settings. Then orderings not in
-    `new` are kept, and if `new` has no CE numbers (eval without --ce) the old CE numbers
+    `new` are kept (and a (G, k') grid, `k_grid`, from an earlier `--k-grid` run), and if `new`
+    has no CE numbers (eval without --ce) the old CE numbers
     of the same (ordering, G) are carried over, with their baseline.
     """
     same = isinstance(old.get("eval"), dict) and all(
@@ -186,7 +187,7 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     )
     if not same:
         return {**new, "summary": summarise(new)}
-    out = {k: v for k, v in old.items() if k in ORDERING_NAMES}
+    out = {k: v for k, v in old.items() if k in ORDERING_NAMES or k == "k_grid"}  # k_grid: eval --k-grid
     new = {**new}
     if old["eval"].get("ce") and not new["eval"].get("ce"):
         new["eval"] = {**new["eval"], "ce": old["eval"]["ce"]}
