@@ -264,15 +264,17 @@ def interp(ckpt_path: str | Path, acts_dir: str | Path, cfg: InterpConfig | None
     ex, si = tc.context % 2 == 0, tc.context % 2 == 1
     if not ex.any() or not si.any():
         raise ValueError(f"{acts_dir}: simulation needs at least two contexts (one to explain, one to simulate)")
-    log(f"simulation over {int(ex.sum()):,} explain / {int(si.sum()):,} simulate tokens ...")
+    log(f"[{time.perf_counter() - t0:.0f}s] simulation over {int(ex.sum()):,} explain / {int(si.sum()):,} "
+        "simulate tokens ...")
     e = sim.explain(tc.indices[ex], tc.values[ex], tc.prev[ex], tc.tok[ex], m, vocab, cfg.min_count)
     corr = sim.score(e, tc.indices[si], tc.values[si], tc.prev[si], tc.tok[si], m, cfg.n_top, cfg.n_random,
                      cfg.seed)
-    log("splitting ...")
+    log(f"[{time.perf_counter() - t0:.0f}s] splitting ...")
     co = spl.cofiring(tc.indices, tc.values, m)
     absorb: dict[str, list[AbsorptionScore]] = {n: [] for n in names}
     f1: list[float] = []
     if cfg.absorption:
+        log(f"[{time.perf_counter() - t0:.0f}s] absorption ...")
         absorb, f1 = _absorption(ck, sae, perms, ladder, cfg, lm, log)
     variants = {}
     for n in names:
