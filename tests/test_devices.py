@@ -128,3 +128,24 @@ def test_bad_device_flags_one_line_nothing_written(cache, tmp_path, capsys, flag
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / "ck.training").exists()
+
+
+def test_order_on_a_named_device(cache, tmp_path):
+    from progsae.trainer.order import OrderConfig, compute_orderings
+
+    out = train(tiny(arch="topk", tokens=32 * 20), cache, tmp_path / "ck", progress=False)
+    on_cpu = compute_orderings(out, cache, OrderConfig(by=("all",), device="cpu", progress=False))
+    auto = compute_orderings(out, cache, OrderConfig(by=("all",), device="auto", progress=False))
+    for name, o in auto.items():
+        assert o.perm.device.type == "cpu"  # written as is by checkpoint.write_orderings
+        torch.testing.assert_close(o.scores, on_cpu[name].scores)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        OrderConfig(device="tpu")
+
+
+def test_serving_config_checks_the_device_spelling():
+    from progsae.server.config import AppConfig
+
+    assert AppConfig.from_dict({"device": "auto"}).device == "auto"
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        AppConfig.from_dict({"device": "gpu0"})

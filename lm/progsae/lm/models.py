@@ -256,16 +256,20 @@ def _load_tokenizer(spec: ModelSpec, source: str, start_token: str | None) -> Lo
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", start_token: str | None = None) -> LoadedModel:
-    """Load a model in fp32 for reading activations (converting a packaged GGUF on first use)."""
+    """Load a model in fp32 for reading activations (converting a packaged GGUF on first use).
+    `device`: as progsae.sae.devices.resolve_device reads it ("auto" included)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from progsae.sae.devices import resolve_device
+
+    dev = resolve_device(device)
     hf_logging.disable_progress_bar()
     spec = resolve_model(name)
     source = _source(spec)
     t = _load_tokenizer(spec, source, start_token)
     # transformers wraps .to in functools.wraps, whose typeshed type does not bind self
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()  # pyright: ignore[reportArgumentType]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(dev).eval()  # pyright: ignore[reportArgumentType]
     model.requires_grad_(False)
     cfg = _text_config(model.config)
     d_model, n_layers = int(cfg.hidden_size), len(decoder_layers(model))

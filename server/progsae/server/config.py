@@ -47,7 +47,8 @@ class AppConfig:
     access_log: bool = False
     """Ray Serve per-request access log lines of the codec (off: they cost CPU on every call)."""
     device: str = "cpu"
-    """Where codec replicas keep their models: "cpu", "cuda", or "auto" (give replicas num_gpus too)."""
+    """Where codec replicas keep their models: "cpu", "cuda", "cuda:N", or "auto" (CUDA when the
+    replica's torch sees a GPU; give replicas replica_num_gpus too, or Ray hides the GPUs)."""
     replica_num_gpus: float = 0.0
     """GPUs reserved per codec replica (e.g. 0.25 to pack four replicas on a GPU)."""
     torch_threads: int = 1
@@ -77,6 +78,10 @@ class AppConfig:
             d["limits"] = Limits(**d["limits"])
         if "models" in d:
             d["models"] = tuple(d["models"] or ())
+        if "device" in d:  # spelling only: the replica, not the driver, decides what "auto" means
+            from progsae.sae.devices import check_device
+
+            check_device(str(d["device"]))
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 
 from progsae.sae import checkpoint
 from progsae.sae.codec import SAE
+from progsae.sae.devices import resolve_device
 
 from .errors import invalid, not_found
 
@@ -134,10 +135,7 @@ class Registry:
         self._cache: OrderedDict[str, ServedModel] = OrderedDict()
         self._resolved: dict[str, ModelSpec] = {}
         self._lock = threading.Lock()
-        dev = config.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(dev)
+        self.device = resolve_device(config.device)
         names = self.names()
         if not names:
             raise FileNotFoundError(f"no checkpoint found under {self.root}")

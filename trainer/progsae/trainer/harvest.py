@@ -69,7 +69,8 @@ class HarvestConfig:
     start_token: str | None = None
     """Override the model's default start-of-context token."""
     device: str = "cpu"
-    """torch device for the forward pass (shards from different devices are not byte-identical)."""
+    """torch device for the forward pass: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a
+    GPU). Shards from different device types are not byte-identical."""
     threads: int | None = None
     """torch threads (per model copy); default: the value recorded in an existing cache, else min(cores, 8)
     (with --ray-address: --ray-cpus). A cache's bytes may depend on it."""

@@ -17,7 +17,7 @@ from . import outliers
 from .outliers import OutlierPolicy
 
 if TYPE_CHECKING:
-    from progsae.sae.ordering import Criterion
+    from progsae.sae.ordering import Criterion, Ordering
 
 CRITERIA = ("mean_sq", "freq")
 
@@ -31,10 +31,12 @@ class OrderConfig:
     tokens: int = 0
     """Tokens to use (0: the whole cache)."""
     batch_size: int = 4096
-    """Tokens per encode batch."""
+    """Tokens per encode batch (encode itself bounds its memory: codec.ENCODE_CHUNK_BYTES)."""
     outlier_factor: OutlierPolicy | None = None
     """Exclude rows with norm > this factor x the median token norm (0, none or off: keep every
     row). Default: the policy the checkpoint was trained with."""
+    device: str = "cpu"
+    """Where to encode: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU)."""
     ladder: str = ""
     """auto:R: also pick the checkpoint's ladder, R rungs from M / 2^(R-1) to M that each add an
     equal share of the FVU reduction on these activations (auto_ladder.py: the fitted importance
@@ -57,6 +59,9 @@ class OrderConfig:
             raise ValueError("--ladder-tokens must be positive")
         if self.tokens < 0 or self.batch_size < 1:
             raise ValueError("--tokens must be >= 0 and --batch-size positive")
+        from progsae.sae.devices import check_device
+
+        check_device(self.device)
 
 
 def compute_orderings(checkpoint_dir: str | Path, activations: str | Path, cfg: OrderConfig | None = None) -> dict:
@@ -79,7 +84,10 @@ def compute_orderings(checkpoint_dir: str | Path, activations: str | Path, cfg: 
         have, want = getattr(man, key), getattr(meta, key)
         if ours and want is not None and have != want:
             raise ValueError(f"{activations} comes from {key}={have!r}, the checkpoint was trained on {key}={want!r}")
-    sae = checkpoint.load(checkpoint_dir).sae
+    from progsae.sae.devices import resolve_device
+
+    dev = resolve_device(cfg.device)
+    sae = checkpoint.load(checkpoint_dir, device=dev).sae
     acc = ImportanceAccumulator(sae)
     budget = cfg.tokens or len(cache)
     from tqdm import tqdm
@@ -88,9 +96,13 @@ def compute_orderings(checkpoint_dir: str | Path, activations: str | Path, cfg: 
     with torch.inference_mode():
         for x in cache.batches(cfg.batch_size):
             x = x[: budget - acc.tokens]
-            acc.update(sae.encode(x))
+            acc.update(sae.encode(x.to(dev, non_blocking=True)))
             bar.update(x.shape[0])
             if acc.tokens >= budget:
                 break
     bar.close()
-    return {c: acc.ordering(cast("Criterion", c)) for c in cfg.by}  # OrderConfig checked the names
+    return {c: _on_cpu(acc.ordering(cast("Criterion", c))) for c in cfg.by}  # OrderConfig checked the names
+
+
+def _on_cpu(o: Ordering) -> Ordering:
+    return o._replace(perm=o.perm.cpu(), scores=o.scores.cpu())
