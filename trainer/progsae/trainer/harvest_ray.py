@@ -41,9 +41,9 @@ class RayOptions:
     """Where `progsae harvest` runs its forward passes: this process, or a Ray cluster."""
 
     ray_address: str | None = None
-    """Ray cluster for the forward passes, one model copy per worker: 'auto', the head's host:port,
-    ray://host:port, or 'local' to start one here. Unset: this process. The cache's bytes are the
-    same either way with the same --threads and device type."""
+    """Ray cluster for the forward passes, one model copy per worker: the head's host:port, 'auto', or
+    any other address ray.init takes. Unset: this process. The cache's bytes are the same either way
+    with the same --threads and device type."""
     ray_workers: int = 0
     """Workers (model copies); 0 = as many as the cluster's CPUs (GPUs with --ray-gpus) hold, at
     most one per shard left."""
