@@ -50,7 +50,7 @@ class RayOptions:
     ray_cpus: float = 1.0
     """CPUs reserved per worker; the default --threads of a new cache."""
     ray_gpus: float | None = None
-    """GPUs per worker; default 1 with a cuda --device, else 0."""
+    """GPUs per worker; default 1 with a cuda --device (or auto on a cluster with GPUs), else 0."""
     ray_wait_s: float = 600.0
     """Seconds to wait for a worker to load the model when none is ready."""
 
@@ -146,6 +146,8 @@ class RayForward:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ValueError(f"cannot connect to Ray at {address}: {first}") from None
             self.connected = True
+        if self.opts.ray_gpus is None and self.cfg.device == "auto":  # workers resolve auto to what they see
+            self.gpus = float(ray.cluster_resources().get("GPU", 0) >= 1)
         n = self._n_workers(n_shards)
         worker = ray.remote(_Worker).options(num_cpus=self.opts.ray_cpus, num_gpus=self.gpus,
                                              scheduling_strategy="SPREAD")
