@@ -68,8 +68,11 @@ class InterpConfig:
     """Measure first-letter absorption (loads the checkpoint's language model)."""
     model: str | None = None
     """Language model for absorption (default: the one the checkpoint names)."""
-    words: int = 3000
-    """Single-token words sampled for the first-letter task (80% probe-train, 20% test)."""
+    words: int = 8000
+    """Single-token words sampled for the first-letter task (80% probe-train, 20% test). SmolLM2 has
+    31.5k; with 3000 only 14 of 26 letters reached probe F1 0.6, with 8000 24 (mean F1 0.76)."""
+    probe_steps: int = 1000
+    """Full-batch Adam steps of the first-letter probes."""
     n_icl: int = 4
     """In-context examples before each word."""
     lm_batch: int = 64
@@ -87,7 +90,7 @@ class InterpConfig:
     def validate(self) -> None:
         """Raise ValueError with a one-line message on bad settings."""
         if min(self.min_count, self.n_top, self.n_random, self.split_min_fires, self.words, self.lm_batch,
-               self.batch_size) < 1 or self.n_icl < 0:
+               self.batch_size, self.probe_steps) < 1 or self.n_icl < 0:
             raise ValueError("--min-count, --n-top, --n-random, --split-min-fires, --words, --lm-batch and "
                              "--batch-size must be >= 1, --n-icl >= 0")
         if not (0 < self.split_subset <= 1 and 0 < self.split_share <= 1):
@@ -310,7 +313,7 @@ def _absorption(ck: checkpoint.Checkpoint, sae: Any, perms: dict[str, torch.Tens
     log(f"first-letter task: {len(ids)} words after a {len(prefix)}-token prefix ...")
     x = ab.word_activations(lm, prefix, ids, ck.meta.layer, cfg.lm_batch)
     n_train = int(0.8 * len(ids))
-    probes = ab.train_probes(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], seed=cfg.seed)
+    probes = ab.train_probes(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], steps=cfg.probe_steps)
     task = ab.LetterTask(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], probes)
     codes = sae.encode(x)
     dense = ab.dense_codes(codes.indices, codes.values, sae.d_sae)

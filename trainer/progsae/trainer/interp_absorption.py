@@ -208,22 +208,22 @@ def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2 * tp / denom if denom else float("nan")
 
 
-def train_probes(x: Tensor, y: np.ndarray, x_test: Tensor, y_test: np.ndarray, steps: int = 300,
-                 lr: float = 0.02, weight_decay: float = 1e-4, seed: int = 0) -> Probes:
+def train_probes(x: Tensor, y: np.ndarray, x_test: Tensor, y_test: np.ndarray, steps: int = 1000,
+                 lr: float = 0.02, weight_decay: float = 1e-4) -> Probes:
     """One-vs-rest logistic probes, class-balanced (full-batch Adam on standardised inputs).
 
     The gradient is written out (d loss / d logit = (pw*t + 1 - t) * sigmoid - pw*t for BCE with
     positive weight pw): torch.optim's first step imports the compiler stack, seconds for nothing here.
     """
-    del seed  # zero initialisation and full batches: nothing random
+    # zero initialisation and full batches: nothing random, so no seed
     xd = x.double()
     mu, sd = xd.mean(0), xd.std(0).clamp_min(1e-6)
-    xs = torch.cat([(xd - mu) / sd, torch.ones(len(xd), 1, dtype=torch.float64)], 1)
-    t = torch.nn.functional.one_hot(torch.from_numpy(y), len(LETTERS)).double()
+    xs = torch.cat([(xd - mu) / sd, torch.ones(len(xd), 1, dtype=torch.float64)], 1).float()
+    t = torch.nn.functional.one_hot(torch.from_numpy(y), len(LETTERS)).float()
     pos = t.sum(0)
     pw = ((len(y) - pos) / pos.clamp_min(1)).clamp_max(1e3)
     coef = pw * t + 1 - t
-    Wb = torch.zeros(xs.shape[1], len(LETTERS), dtype=torch.float64)
+    Wb = torch.zeros(xs.shape[1], len(LETTERS))
     m1, m2 = torch.zeros_like(Wb), torch.zeros_like(Wb)
     b1, b2 = 0.9, 0.999
     for step in range(1, steps + 1):
@@ -233,7 +233,7 @@ def train_probes(x: Tensor, y: np.ndarray, x_test: Tensor, y_test: np.ndarray, s
         m1.mul_(b1).add_(g, alpha=1 - b1)
         m2.mul_(b2).addcmul_(g, g, value=1 - b2)
         Wb -= lr * (m1 / (1 - b1**step)) / ((m2 / (1 - b2**step)).sqrt() + 1e-8)
-    W, b = Wb[:-1].T, Wb[-1]
+    W, b = Wb[:-1].T.double(), Wb[-1].double()
     with torch.no_grad():
         W_raw = (W / sd).float()  # the same probe on raw activations
         b_raw = (b - (W / sd) @ mu).float()
