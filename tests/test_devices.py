@@ -149,3 +149,17 @@ def test_serving_config_checks_the_device_spelling():
     assert AppConfig.from_dict({"device": "auto"}).device == "auto"
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         AppConfig.from_dict({"device": "gpu0"})
+
+
+def test_eval_on_a_named_device(cache, tmp_path):
+    from progsae.trainer.evaluate import EvalConfig, evaluate
+
+    out = train(tiny(tokens=32 * 20), cache, tmp_path / "ck", progress=False)
+    cfg = dict(ordering="none", rsa_tokens=64, max_tokens=600, progress=False)
+    a = evaluate(out, cache, EvalConfig(**cfg, device="cpu"))
+    b = evaluate(out, cache, EvalConfig(**cfg, device="auto"))
+    for ra, rb in zip(a.orderings["none"].rungs, b.orderings["none"].rungs, strict=True):
+        assert ra.fvu == pytest.approx(rb.fvu, rel=1e-5) and ra.l0 == pytest.approx(rb.l0, rel=1e-6)
+        assert ra.rsa == pytest.approx(rb.rsa, rel=1e-4)
+    with pytest.raises(ValueError, match="unknown device"):
+        EvalConfig(device="npu").validate()

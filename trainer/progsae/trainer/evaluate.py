@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from progsae.sae import checkpoint
 from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE, Codes
+from progsae.sae.devices import resolve_device
 from progsae.sae.metrics import FVUAccumulator, RSAReference, density_histogram, fit_power_law
 from progsae.trainer import outliers
 from progsae.trainer.activations import ActivationCache
@@ -63,6 +64,9 @@ class EvalConfig:
     """Evaluate only the first this many held-out rows (quick runs)."""
     seed: int = 0
     """Seed of the RSA sample."""
+    device: str = "cpu"
+    """Where to encode and decode: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU).
+    Metrics accumulate in float64 on it; the --ce language model runs on the CPU."""
     k_grid: tuple[int, ...] = ()
     """Also evaluate the (G, k') grid at these k' (e.g. 4,8,16,32): FVU, L0 (and with --ce CE
     recovered) decoding each token from its k' largest codes with index < G (k_grid.py);
@@ -76,6 +80,9 @@ class EvalConfig:
             raise ValueError("--rsa-tokens must be >= 3; --ce-contexts, --ce-batch, --batch-size >= 1")
         if self.outlier_factor is not None and not isinstance(self.outlier_factor, OutlierPolicy):
             raise TypeError(f"outlier_factor must be an OutlierPolicy or None, got {self.outlier_factor!r}")
+        from progsae.sae.devices import check_device
+
+        check_device(self.device)
 
 
 @dataclass
@@ -148,15 +155,18 @@ def evaluate(ckpt_path: str | Path, acts_dir: str | Path, cfg: EvalConfig | None
 
     sae, ladder = ck.sae, ck.ladder
     variants = [_variant(ck, n) for n in names]
-    stream = _stream_pass(sae, variants, ladder, cache_all, keep, cfg)
-    rsa = _rsa_pass(sae, variants, ladder, cache_all, keep, cfg)
+    dev = resolve_device(cfg.device)
+    sae_dev, on_dev = sae.to(dev), [_variant_on(v, dev) for v in variants]
+    stream = _stream_pass(sae_dev, on_dev, ladder, cache_all, keep, cfg)
+    rsa = _rsa_pass(sae_dev, on_dev, ladder, cache_all, keep, cfg)
+    del sae_dev, on_dev
     ce, ce_rungs = (None, {})
     if cfg.ce:
         from progsae.trainer.ce_loss import splice_eval
 
         ce, ce_rungs = splice_eval(ck, sae, variants, cache_all, keep, cfg, model=model)
 
-    fires, sum_sq, n_kept = stream.fires, stream.sum_sq, int(keep.sum())
+    fires, sum_sq, n_kept = stream.fires.cpu(), stream.sum_sq.cpu(), int(keep.sum())
     importance = (sum_sq * (sae.W_dec.double().norm(dim=1) / sae.scale) ** 2 / n_kept).cpu()
     orderings = {}
     for v in variants:
@@ -191,6 +201,10 @@ def _variant(ck: checkpoint.Checkpoint, name: str) -> Variant:
     return Variant(name, ordmod.apply(ck.sae, o), o.inverse(), o.perm)
 
 
+def _variant_on(v: Variant, dev: torch.device) -> Variant:
+    return Variant(v.name, v.sae.to(dev), v.inv.to(dev), v.perm.to(dev))
+
+
 @dataclass
 class _Stream:
     fvu: dict[str, list[FVUAccumulator]]
@@ -210,15 +224,15 @@ def _stream_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cac
         fvu={n: [FVUAccumulator() for _ in ladder] for n in names},
         fvu_all={n: [FVUAccumulator() for _ in ladder] for n in names},
         l0={n: [0.0 for _ in ladder] for n in names},
-        fires=torch.zeros(sae.d_sae, dtype=torch.float64),
-        sum_sq=torch.zeros(sae.d_sae, dtype=torch.float64),
+        fires=torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device),
+        sum_sq=torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device),
     )
     n, bs = len(keep), cfg.batch_size
     bar = tqdm(total=n, unit="tok", desc="eval FVU/L0", disable=not cfg.progress, smoothing=0.1)
     for start in range(0, n, bs):
         rows = np.arange(start, min(start + bs, n))
-        x = cache.gather(rows)
-        kb = torch.from_numpy(keep[rows])
+        x = cache.gather(rows).to(sae.W_dec.device, non_blocking=True)
+        kb = torch.from_numpy(keep[rows]).to(x.device)
         codes = sae.encode(x)
         kc = Codes(codes.indices[kb], codes.values[kb])
         idx, val = kc.indices.reshape(-1), kc.values.reshape(-1).double()
@@ -245,15 +259,15 @@ def _rsa_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cache:
     x = cache.gather(kept[np.sort(pick)])
     if x.shape[0] < 3:
         return {v.name: [float("nan")] * len(ladder) for v in variants}
-    ref = RSAReference(x)
-    codes = sae.encode(x)
+    ref = RSAReference(x)  # on the CPU (numpy ranks), as are the reconstructions it scores
+    codes = sae.encode(x.to(sae.W_dec.device))
     out: dict[str, list[float]] = {}
     bar = tqdm(total=len(variants) * len(ladder), desc=f"eval RSA ({x.shape[0]} tok)", disable=not cfg.progress)
     for v in variants:
         out[v.name] = []
         for rung in v.sae.progressive(v.relabel(codes), ladder):
             assert rung.recon is not None  # progressive() yields reconstructions unless told not to
-            out[v.name].append(ref.score(rung.recon))
+            out[v.name].append(ref.score(rung.recon.cpu()))
             bar.update(1)
     bar.close()
     return out
