@@ -163,3 +163,28 @@ def test_eval_on_a_named_device(cache, tmp_path):
         assert ra.rsa == pytest.approx(rb.rsa, rel=1e-4)
     with pytest.raises(ValueError, match="unknown device"):
         EvalConfig(device="npu").validate()
+
+
+def test_features_on_a_named_device(tmp_path, capsys):
+    from progsae.server import testing
+    from progsae.trainer import features
+    from progsae.trainer.activations import ActivationCache
+    from progsae.trainer.outliers import KEEP_ALL
+    from tests.test_features import D, K, M
+    from tests.test_features import make_cache as make_token_cache
+
+    ck = testing.make_checkpoint(tmp_path / "ck", d=D, m=M, k=K)
+    make_token_cache(tmp_path / "acts")
+    sae = checkpoint.load(ck).sae
+    cache = ActivationCache(tmp_path / "acts", outliers=KEEP_ALL)
+    cfg = features.FeatureConfig(top_n=3, window=2, batch_contexts=5, batch_rows=7, progress=False)
+    a = features.compute(sae, cache, cfg, device="cpu").tensors
+    b = features.compute(sae, cache, cfg, device="auto").tensors
+    assert a.keys() == b.keys()
+    for name in a:
+        assert b[name].device.type == "cpu"
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert cli.main(["features", str(ck), "--activations", str(tmp_path / "acts"), "--no-lens",
+                     "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'gpu'" in err and err.count("\n") == 1

@@ -44,6 +44,9 @@ class FeaturesRun:
     row). Default: the policy the checkpoint was trained with."""
     lens: bool = True
     """Load the checkpoint's language model for the logit lens (promoted tokens) and token strings."""
+    device: str = "cpu"
+    """Where to encode: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU); the
+    statistics and the language model stay on the CPU."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +60,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(cfg: FeatureConfig, opts: FeaturesRun) -> int:
     from progsae.sae import checkpoint
+    from progsae.sae.devices import check_device
     from progsae.trainer import features, outliers
     from progsae.trainer.activations import ActivationCache
 
+    check_device(opts.device)  # before loading anything
     meta = checkpoint.load_meta(opts.checkpoint)
     if opts.texts:
         return _from_texts(cfg, opts, meta)
@@ -108,7 +113,7 @@ def _write(cfg: FeatureConfig, opts: FeaturesRun, cache: ActivationCache, lens: 
     from progsae.trainer import features
 
     sae = checkpoint.load(opts.checkpoint).sae
-    cards = features.compute(sae, cache, cfg, decode=decode, lens=lens)
+    cards = features.compute(sae, cache, cfg, decode=decode, lens=lens, device=opts.device)
     cards.info.update(provenance or {})
     out = feature_cards.save(opts.checkpoint, cards)
     d = cards.tensors["density"]

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from progsae.sae.codec import SAE
+from progsae.sae.codec import SAE, Codes
+from progsae.sae.devices import resolve_device
 from progsae.sae.feature_cards import FORMAT, PAD, FeatureCards
 
 from .activations import ActivationCache, CacheError
@@ -117,7 +118,7 @@ def _pass_stats(sae: SAE, cache: ActivationCache, cfg: FeatureConfig, n_ctx: int
         bar.update(r1 - r0)
         if rows.size == 0:
             continue
-        codes = sae.encode(cache.gather(rows))
+        codes = _encode(sae, cache.gather(rows))
         on = codes.values > 0
         lat, val = codes.indices[on], codes.values[on].float()
         fires.index_add_(0, lat, torch.ones_like(val, dtype=torch.float64))
@@ -160,7 +161,7 @@ def _pass_windows(sae: SAE, cache: ActivationCache, cfg: FeatureConfig, top_row:
     out = torch.zeros(e_row.numel())
     for u0 in range(0, uniq.numel(), cfg.batch_rows):
         chunk = uniq[u0:u0 + cfg.batch_rows]
-        codes = sae.encode(cache.gather(chunk.numpy()))
+        codes = _encode(sae, cache.gather(chunk.numpy()))
         lo = int(torch.searchsorted(e_row, chunk[0]))
         hi = int(torch.searchsorted(e_row, chunk[-1], right=True))
         local = torch.searchsorted(chunk, e_row[lo:hi])
@@ -176,9 +177,16 @@ def _pass_windows(sae: SAE, cache: ActivationCache, cfg: FeatureConfig, top_row:
 # --- everything -----------------------------------------------------------------------------
 
 
+def _encode(sae: SAE, x: Tensor) -> Codes:
+    """Codes of x by `sae` on its device, handed back on the CPU (the bookkeeping's side)."""
+    codes = sae.encode(x.to(sae.W_dec.device, non_blocking=True))
+    return Codes(codes.indices.cpu(), codes.values.cpu())
+
+
 def compute(sae: SAE, cache: ActivationCache, cfg: FeatureConfig, decode: Decode | None = None,
-            lens: Lens | None = None) -> FeatureCards:
-    """All cards of `sae` (trained order) over `cache`; `decode` / `lens` add strings and promoted tokens."""
+            lens: Lens | None = None, device: str = "cpu") -> FeatureCards:
+    """All cards of `sae` (trained order) over `cache`; `decode` / `lens` add strings and promoted tokens.
+    `device` (devices.resolve_device): where the encodes run; statistics and the lens stay on the CPU."""
     if cache.d_model != sae.d_in:
         raise ValueError(f"{cache.dir} holds activations of width {cache.d_model}, the SAE expects d_in={sae.d_in}")
     if cfg.top_n < 1 or cfg.window < 0 or cfg.batch_contexts < 1 or cfg.batch_rows < 1:
@@ -188,10 +196,11 @@ def compute(sae: SAE, cache: ActivationCache, cfg: FeatureConfig, decode: Decode
     n_ctx = min(token_ids.shape[0], cache.manifest.n_tokens // per_ctx)
     if cfg.max_tokens:
         n_ctx = max(1, min(n_ctx, -(-cfg.max_tokens // per_ctx)))
-    sae = sae.to(dtype=torch.float32)
-    stats, top_row = _pass_stats(sae, cache, cfg, n_ctx)
+    sae = sae.to(device="cpu", dtype=torch.float32)
+    enc = sae.to(resolve_device(device))
+    stats, top_row = _pass_stats(enc, cache, cfg, n_ctx)
     tokens = int(stats.pop("tokens"))
-    tensors = {**stats, **_pass_windows(sae, cache, cfg, top_row, token_ids)}
+    tensors = {**stats, **_pass_windows(enc, cache, cfg, top_row, token_ids)}
     tensors.update(promoted(sae.W_dec, lens, cfg.promoted))
     used = torch.cat([tensors["window_ids"].flatten(), tensors["promoted_ids"].flatten()])
     vocab_ids = sorted(set(torch.unique(used[used >= 0]).tolist()))
