@@ -9,6 +9,8 @@ Real sizes, bounded memory (issue 11): encode only, chunked (the default chunk_b
 unchunked vs the bare matmul, then each case's peak RSS in a fresh subprocess:
 
     .venv/bin/python bench/bench_codec.py --encode-only --peak-rss --d-in 2304 --d-sae 65536 --batch 6000
+
+(--repeats 0: peak RSS only.)
 """
 
 from __future__ import annotations
@@ -78,38 +80,51 @@ def rss_case(sae: SAE, x: torch.Tensor, cases: dict[str, Callable[[SAE, torch.Te
 
 
 def encode_only(sae: SAE, x: torch.Tensor, args: argparse.Namespace) -> None:
-    import subprocess
-    import sys
+    """--encode-only: time the encode cases (unless --repeats 0), then --peak-rss."""
+    n = x.shape[0]
+    if args.repeats > 0:
+        time_encode(sae, x, args.repeats, args.chunk_mib)
+    if args.peak_rss:
+        peak_rss(sae, n, args.chunk_mib)
 
+
+def time_encode(sae: SAE, x: torch.Tensor, repeats: int, chunk_mib: list[float]) -> None:
     n, m = x.shape[0], sae.d_sae
-    cases = encode_cases([])
+    cases = encode_cases(chunk_mib)
     for fn in cases.values():  # warm-up on a slice: the full call is the measured one
         fn(sae, x[:512])
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, fn in cases.items():
             times[name].append(timed(lambda fn=fn: fn(sae, x)))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
     print(f"shapes: d_in={sae.d_in} d_sae={m} k={sae.k} batch={n}; chunk rows "
-          f"{max(1, ENCODE_CHUNK_BYTES // (m * 4))}; medians of {args.repeats}, interleaved\n")
+          f"{max(1, ENCODE_CHUNK_BYTES // (m * 4))}; medians of {repeats}, interleaved\n")
     print("| operation | median s | min s | max s | tokens/s |")
     print("|---|---:|---:|---:|---:|")
     for name, t in med.items():
         print(f"| {name} | {t:.2f} | {min(times[name]):.2f} | {max(times[name]):.2f} | {n / t:,.0f} |")
-    bare, chunked, whole = med.values()
+    bare, chunked, whole = list(med.values())[:3]
     print(f"\nencode (chunked) throughput / bare addmm throughput: {bare / chunked:.3f}x")
     print(f"encode (unchunked) throughput / bare addmm throughput: {bare / whole:.3f}x")
-    print(f"chunked encode time / unchunked encode time: {chunked / whole:.3f}x")
-    if not args.peak_rss:
-        return
+    print(f"chunked encode time / unchunked encode time: {chunked / whole:.3f}x", flush=True)
+    for name in list(med)[3:]:
+        print(f"{name} time / unchunked encode time: {med[name] / whole:.3f}x", flush=True)
+
+
+def peak_rss(sae: SAE, n: int, chunk_mib: list[float]) -> None:
+    import subprocess
+    import sys
+
+    m = sae.d_sae
     print("\nPeak RSS, one fresh process per case (weights + tokens are the baseline):\n")
     print("| case | baseline MiB | peak MiB | extra MiB | [N, M] float32 MiB |")
     print("|---|---:|---:|---:|---:|")
-    for name in encode_cases(args.chunk_mib):
+    for name in encode_cases(chunk_mib):
         cmd = [sys.executable, __file__, "--rss-case", name, "--d-in", str(sae.d_in), "--d-sae", str(m),
-               "--k", str(sae.k), "--batch", str(n), "--chunk-mib", *map(str, args.chunk_mib)]
+               "--k", str(sae.k), "--batch", str(n), "--chunk-mib", *map(str, chunk_mib)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         base, peak, _ = (float(v) for v in next(ln for ln in out.splitlines() if ln.startswith("RSS ")).split()[1:])
         print(f"| {name} | {base:,.0f} | {peak:,.0f} | {peak - base:,.0f} | {n * m * 4 / 2**20:,.0f} |", flush=True)
