@@ -16,9 +16,8 @@ from progsae.sae.budgets import (
     k_steps,
     select,
     token_baseline,
-    value_rank,
 )
-from progsae.sae.codec import Codes
+from progsae.sae.codec import Codes, topk_prefix, value_rank
 from tests.conftest import random_sae
 
 dims = st.tuples(
@@ -75,6 +74,32 @@ def test_ties_go_to_the_earlier_code():
     assert value_rank(codes, 10).tolist() == [[2, 0, 1, 4]]  # the zero is inactive: never selected
     assert value_rank(codes, 6).tolist() == [[1, 0, 4, 4]]  # index 9 is beyond G
     assert select(codes, 10, 1).tolist() == [[False, True, False, False]]
+
+
+def test_a_cap_above_the_code_width_never_selects_codes_beyond_g():
+    # a ReLU/JumpReLU model's k is d_sae, wider than a batch's padded codes: the cap must not
+    # let a code at or above G (or a padding zero) in
+    codes = Codes(torch.tensor([[5, 2, 9, 1]]), torch.tensor([[1.0, 2.0, 2.0, 0.0]]))
+    assert select(codes, 6, 100).tolist() == [[True, True, False, False]]
+    assert select(codes, 6, 100).tolist() == select(codes, 6, None).tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(dims=dims, data=st.data())
+def test_topk_prefix_is_the_selection_decode_at_uses(dims, data):
+    # one definition of the (G, k') code: the trainer's compact form and the stream's mask agree,
+    # ties included
+    sae, _, codes = make(*dims)
+    codes = Codes(codes.indices, codes.values.round(decimals=0))  # make ties common
+    g = data.draw(st.integers(1, sae.d_sae))
+    kp = data.draw(st.integers(1, sae.k + 2))
+    compact = topk_prefix(codes, g, kp)
+    chosen = {(n, int(i)) for n, row in enumerate(codes.indices) for j, i in enumerate(row)
+              if select(codes, g, kp)[n, j]}
+    kept = {(n, int(i)) for n, row in enumerate(compact.indices) for j, i in enumerate(row)
+            if compact.values[n, j] != 0}
+    assert kept == chosen
+    torch.testing.assert_close(sae.decode(compact, g), decode_at(sae, codes, g, kp), rtol=1e-10, atol=1e-10)
 
 
 def test_default_k_ladder():

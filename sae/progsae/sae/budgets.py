@@ -4,9 +4,10 @@ each token stops at the first step that reconstructs it well enough (SPEC §3).
 Pure functions over an `SAE` and its `Codes`, like progsae.sae.codec; no Ray, no gRPC, no I/O.
 
   * Decode at (G, k'): of a token's active codes with index < G, only the k' largest by value
-    (ties: the earlier entry of the token's codes, as a stable sort; codes that travelled on the
-    wire are sorted by index, so there the lower index wins). k' at least the token's number of
-    codes is nested truncation at G.
+    (codec.value_rank, the one ranking the trainer's codec.topk_prefix uses too; ties: the
+    earlier entry of the token's codes, as a stable sort; codes that travelled on the wire are
+    sorted by index, so there the lower index wins). k' at least the token's number of codes
+    is nested truncation at G.
   * A step stream climbs a sequence of (G, k') steps: up a G ladder (k' fixed, or no cap) or up a
     k' ladder at one G. Each step multiplies in only the codes whose selection changed since the
     previous step, signed: climbing k', or G with no cap, only adds codes; climbing G under a k'
@@ -24,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .codec import SAE, Codes, check_ladder, sparse_sum
+from .codec import SAE, Codes, check_ladder, sparse_sum, value_rank
 
 
 class Step(NamedTuple):
@@ -57,24 +58,11 @@ class StepRung(NamedTuple):
     """[A] bool: the token met the per-token target here and stops (all False without one)."""
 
 
-def value_rank(codes: Codes, g: int) -> Tensor:
-    """[N, w] rank of each code among its token's active codes with index < g, largest value
-    first (0 = the largest); a code that is not among them ranks w (never selected)."""
-    idx, val = codes
-    n, w = idx.shape
-    eligible = (idx < g) & (val != 0)
-    key = torch.where(eligible, val, torch.full_like(val, float("-inf")))
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(w, device=idx.device).expand(n, w))
-    return torch.where(eligible, rank, torch.full_like(rank, w))
-
-
 def select(codes: Codes, g: int, k: int | None = None) -> Tensor:
     """[N, w] bool: the codes decoded at (g, k') (at g alone when k is None)."""
     if k is None:
         return (codes.indices < g) & (codes.values != 0)
-    return value_rank(codes, g) < k
+    return value_rank(codes, g) < min(k, codes.indices.shape[1])
 
 
 def decode_at(sae: SAE, codes: Codes, g: int, k: int | None = None) -> Tensor:

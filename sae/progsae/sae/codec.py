@@ -258,17 +258,33 @@ def l0(codes: Codes, g: int) -> Tensor:
     return ((codes.indices < g) & (codes.values != 0)).sum(-1)
 
 
+def value_rank(codes: Codes, g: int) -> Tensor:
+    """[N, w] rank of each code among its token's active codes with index < g, largest value
+    first (0 = the largest; ties: the earlier entry, as a stable sort); a code that is not
+    among them ranks w, so `rank < min(k', w)` selects the (G, k') code."""
+    idx, val = codes
+    n, w = idx.shape
+    eligible = (idx < g) & (val != 0)
+    key = torch.where(eligible, val, torch.full_like(val, float("-inf")))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(w, device=idx.device).expand(n, w))
+    return torch.where(eligible, rank, torch.full_like(rank, w))
+
+
 def topk_prefix(codes: Codes, g: int, k_prime: int) -> Codes:
-    """The (G, k') code: of the codes with index < g, each token's k' largest values ([N, k'];
-    a token with fewer gets zero-valued entries, which are inactive). decode(topk_prefix(c, g,
-    k'), g) is the decode at (G, k'); with k' >= the codes' width it equals decode(c, g)."""
+    """The (G, k') code: of the codes with index < g, each token's k' largest values ([N, k'],
+    ranked by `value_rank`; a token with fewer gets zero-valued entries, which are inactive).
+    decode(topk_prefix(c, g, k'), g) is the decode at (G, k'); with k' >= the codes' width it
+    equals decode(c, g)."""
     if k_prime < 1:
         raise ValueError(f"k' must be positive, got {k_prime}")
-    keep = codes.indices < g
-    masked = torch.where(keep, codes.values, torch.full_like(codes.values, -1.0))
+    rank = value_rank(codes, g)
     w = min(k_prime, codes.indices.shape[1])
-    top, pos = masked.topk(w, dim=-1)
-    return Codes(codes.indices.gather(1, pos), top.clamp_min(0))
+    pos = rank.argsort(dim=1, stable=True)[:, :w]
+    keep = rank.gather(1, pos) < w
+    values = codes.values.gather(1, pos)
+    return Codes(codes.indices.gather(1, pos), torch.where(keep, values, torch.zeros_like(values)))
 
 
 def default_ladder(d_sae: int, rungs: int = 5) -> tuple[int, ...]:
