@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -158,7 +157,6 @@ def encode(page, text: str, max_g_index: int | None = None) -> None:
 
 
 def test_browser_end_to_end(page, app, tmp_path):
-    t0 = time.perf_counter()
     shots = Path(os.environ.get("PROGSAE_SCREENSHOTS", tmp_path))
     open_page(page, app)
     assert page.input_value("#model-a") == "mat@none"
@@ -198,7 +196,6 @@ def test_browser_end_to_end(page, app, tmp_path):
     # live FVU markers on the chart
     assert page.locator("#chart .marker").count() == 2
     page.screenshot(path=str(shots / "feature-card.png"), full_page=True)
-    assert time.perf_counter() - t0 < 90
 
 
 def set_slider(page, selector: str, index: int) -> None:
