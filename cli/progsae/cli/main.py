@@ -54,3 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"progsae {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # `python -m progsae.cli.main` runs too, not just `-m progsae.cli`
+    sys.exit(main())
