@@ -15,7 +15,7 @@ Semantics (SPEC §3):
   * progressive stream: each rung adds only the codes with index in [G_prev, G).
   * prefix encode: a *different* code, top-k within the first G encoder columns only.
   * bounded memory: encode works through the tokens in chunks whose [rows, M] pre-activations
-    take at most ``chunk_bytes`` (default ENCODE_CHUNK_BYTES); each token's code depends only
+    take at most ``chunk_bytes`` (default ENCODE_CHUNK_BYTES, 256 MiB); each token's code depends only
     on its own row, so chunking changes no selection, only BLAS's summation blocking (values
     agree to float rounding; see ``encode``).
 """
@@ -32,12 +32,12 @@ from torch import Tensor
 
 Activation = Literal["topk", "relu", "jumprelu"]
 
-ENCODE_CHUNK_BYTES = 64 * 2**20
-"""Default bound on one encode chunk's [rows, M] pre-activations, in bytes (64 MiB: 256 rows at
+ENCODE_CHUNK_BYTES = 256 * 2**20
+"""Default bound on one encode chunk's [rows, M] pre-activations, in bytes (256 MiB: 1024 rows at
 M=65536 in float32). Peak extra memory of an encode is about 2x this for top-k (pre-activations
-plus top-k's workspace) and 3x for relu/jumprelu (plus the activations), whatever N is; measured
-79 MiB at d_in 2304, M 65536, N 6000 (BENCHMARKS.md). Much smaller settings can cost more: the
-BLAS may then work from a packed copy of W_enc."""
+plus top-k's workspace) and 3x for relu/jumprelu (plus the activations), whatever N is. Chosen
+by measurement at d_in 2304, M 65536 (BENCHMARKS.md): 1024-row chunks run at the speed of one
+big product, 256-row ones ~13-25% slower; 64 MiB would hold memory to 79 MiB extra instead."""
 
 
 class Codes(NamedTuple):
