@@ -103,12 +103,17 @@ def test_bit_flipped(pristine, tmp_path_factory, fuzz_cases):
     assert set(seen) == set(FILES) and seen.total() >= 100, seen
 
 
-def test_wrong_cfg(pristine, tmp_path_factory, fuzz_cases):
-    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+@pytest.mark.parametrize("where", ["progsae", "top"])
+@pytest.mark.parametrize("key", CFG_KEYS)
+def test_wrong_cfg(pristine, tmp_path_factory, fuzz_cases, key, where):
+    """Every cfg key, in our block and as a SAELens-style top-level field, gets fuzzed values
+    (one test per key, so coverage of the keys does not depend on what hypothesis samples)."""
+    seen = 0
 
-    @settings(FUZZ, max_examples=200)
-    @given(key=st.sampled_from(CFG_KEYS), value=JSON_VALUES, where=st.sampled_from(["progsae", "top"]))
-    def case(key, value, where):
+    @settings(FUZZ, max_examples=10)
+    @given(value=JSON_VALUES)
+    def case(value):
+        nonlocal seen
         p = fresh(pristine, tmp_path_factory)
         cfg = json.loads((p / checkpoint.CFG).read_text())
         if where == "progsae":
@@ -117,13 +122,12 @@ def test_wrong_cfg(pristine, tmp_path_factory, fuzz_cases):
             cfg.pop("progsae")
             cfg[key] = value
         (p / checkpoint.CFG).write_text(json.dumps(cfg))
-        seen[where, key] += 1
+        seen += 1
         must_fail_cleanly(p)
 
     case()
-    fuzz_cases["checkpoint"]["cfg"] += seen.total()
-    assert {w for w, _ in seen} == {"progsae", "top"} and {k for _, k in seen} == set(CFG_KEYS), seen
-    assert seen.total() >= 100, seen
+    fuzz_cases["checkpoint"]["cfg"] += seen
+    assert seen >= 5, seen
 
 
 @pytest.mark.parametrize("which", [checkpoint.WEIGHTS, checkpoint.ORDERING, checkpoint.CFG])
