@@ -158,18 +158,24 @@ def perfect_sae():
                b_dec=torch.zeros(fx.D), k=fx.D)
 
 
-def test_ce_splice_through_tiny_llama(tmp_path):
+def tiny_llama_cache(model, layer: int, n_ctx: int, out: Path) -> torch.Tensor:
+    """A held-out cache of n_ctx random contexts through `model` at `layer`; returns their token ids."""
     from progsae.lm.models import hidden_at_layer
     from progsae.trainer.activations import CacheWriter, Manifest
 
-    model, layer, n_ctx = tiny_llama(), 1, 6
     ids = torch.from_numpy(np.random.default_rng(0).integers(2, fx.VOCAB, size=(n_ctx, fx.CONTEXT)))
     ids[:, 0] = fx.BOS
     h = hidden_at_layer(model, ids, layer)[:, 1:].reshape(-1, fx.D)
-    w = CacheWriter(tmp_path / "acts", Manifest(model="tiny", layer=layer, d_model=fx.D, corpus=["x"],
-                                               split="heldout", context=fx.CONTEXT, target_tokens=len(h)))
+    w = CacheWriter(out, Manifest(model="tiny", layer=layer, d_model=fx.D, corpus=["x"],
+                                  split="heldout", context=fx.CONTEXT, target_tokens=len(h)))
     w.add_shard(h.numpy(), ids.numpy().astype(np.int32))
     w.finish()
+    return ids
+
+
+def test_ce_splice_through_tiny_llama(tmp_path):
+    model, layer = tiny_llama(), 1
+    ids = tiny_llama_cache(model, layer, 6, tmp_path / "acts")
     meta = checkpoint.CheckpointMeta(architecture="topk", d_in=fx.D, d_sae=2 * fx.D, k=fx.D,
                                      granularities=(16, 32, 64), model="tiny", layer=layer)
     ck = checkpoint.save(tmp_path / "perfect", perfect_sae(), meta)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from progsae.cli import main
 from progsae.sae import checkpoint
@@ -18,7 +16,7 @@ from progsae.trainer.evaluate import EvalConfig, evaluate
 from progsae.trainer.k_grid import GridPoint, KGridResult, area_under, evaluate_grid, fvu_at_cost, pareto
 from progsae.trainer.outliers import DEFAULT
 from tests import eval_fixtures as fx
-from tests.test_eval import perfect_sae, tiny_llama
+from tests.test_eval import perfect_sae, tiny_llama, tiny_llama_cache
 
 KG = (1, 2, 4)
 
@@ -95,17 +93,8 @@ def test_cli_eval_k_grid_writes_metrics_and_rejects_bad_grids(world, tmp_path, c
 
 
 def test_grid_ce_through_tiny_llama(tmp_path):
-    from progsae.lm.models import hidden_at_layer
-    from progsae.trainer.activations import CacheWriter, Manifest
-
     model, layer = tiny_llama(), 1
-    ids = torch.from_numpy(np.random.default_rng(0).integers(2, fx.VOCAB, size=(4, fx.CONTEXT)))
-    ids[:, 0] = fx.BOS
-    h = hidden_at_layer(model, ids, layer)[:, 1:].reshape(-1, fx.D)
-    w = CacheWriter(tmp_path / "acts", Manifest(model="tiny", layer=layer, d_model=fx.D, corpus=["x"],
-                                               split="heldout", context=fx.CONTEXT, target_tokens=len(h)))
-    w.add_shard(h.numpy(), ids.numpy().astype(np.int32))
-    w.finish()
+    tiny_llama_cache(model, layer, 4, tmp_path / "acts")
     meta = checkpoint.CheckpointMeta(architecture="matryoshka", d_in=fx.D, d_sae=2 * fx.D, k=fx.D,
                                      granularities=(16, 64), model="tiny", layer=layer,
                                      extra={"train_config": {"outlier_factor": None}})
