@@ -36,13 +36,22 @@ class RayCluster:
         # Unix socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must stay under 108
         # bytes: a short private root under /tmp, not pytest's deep tmp_path.
         self.root = Path(tempfile.mkdtemp(prefix="psray-", dir="/tmp"))
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self.taken: set[int] = set()
+        self.gcs_port = self.port()
+        self.dashboard_port = self.port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32), **(env or {})}
         self.nodes: dict[str, Path] = {}
+
+    def port(self) -> int:
+        """A free port not yet given to this cluster: free_port alone can return the same port twice
+        (the kernel reuses a just-closed one), and `ray start` refuses two components on one port."""
+        while (p := free_port()) in self.taken:
+            pass
+        self.taken.add(p)
+        return p
 
     def _start(self, name: str, args: list[str], num_cpus: int, resources: dict[str, float]) -> None:
         temp = self.root / name
@@ -50,8 +59,8 @@ class RayCluster:
         res = "{" + ",".join(f'"{k}": {v}' for k, v in resources.items()) + "}"
         cmd = [RAY, "start", *args, "--num-cpus", str(num_cpus), "--resources", res, "--temp-dir", str(temp),
                "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--min-worker-port", "0",
-               "--max-worker-port", "0", "--dashboard-agent-listen-port", str(free_port()),
-               "--metrics-export-port", str(free_port())]
+               "--max-worker-port", "0", "--dashboard-agent-listen-port", str(self.port()),
+               "--metrics-export-port", str(self.port())]
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"ray start {name} failed ({out.returncode}):\n{out.stderr[-4000:]}")
@@ -59,7 +68,7 @@ class RayCluster:
     def start_head(self, num_cpus: int = 1, resources: dict[str, float] | None = None) -> None:
         self._start("head", ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                             "--ray-client-server-port", str(free_port())],
+                             "--ray-client-server-port", str(self.port())],
                     num_cpus, resources or {})
 
     def add_node(self, name: str, num_cpus: int = 1, resources: dict[str, float] | None = None) -> None:
