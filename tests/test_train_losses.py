@@ -136,6 +136,8 @@ def test_group_weights_normalised():
     ({"d_sae": 32, "k": 4, "granularities": (16, 8, 32)}, "strictly increasing"),
     ({"d_sae": 32, "k": 32}, "--k"),
     ({"d_sae": 32, "k": 4, "granularities": (8, 16)}, "last granularity"),
+    ({"d_sae": 32, "k": 4, "decoder_norm": "loose"}, "--decoder-norm"),
+    ({"d_sae": 32, "k": 4, "auxk_norm": "none"}, "--auxk-norm"),
 ])
 def test_config_rejects_bad_input(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -254,3 +256,67 @@ def test_lr_schedule_warmup_flat_decay():
     assert cfg.warmup_steps(100) == 5
     assert lrs[0] < lrs[4] < lrs[5] == lrs[50] == cfg.base_lr()
     assert lrs[79] == cfg.base_lr() and lrs[80] < cfg.base_lr() and 0 < lrs[99] < lrs[90]
+
+
+# --- SAELens's TopK recipe: free decoder rows, AuxK on the batch's scale ------------------
+
+
+def _free_sae(seed: int = 0) -> TrainableSAE:
+    sae = make_sae(seed)
+    sae.free_norm = True
+    with torch.no_grad():  # rows of norms 0.2 .. 3: the free parametrisation differs from unit rows
+        sae.W_dec.mul_(torch.linspace(0.2, 3.0, M, dtype=torch.float64)[torch.randperm(M)][:, None])
+    return sae
+
+
+def test_free_decoder_rows_train_like_saelens_rescaled_topk():
+    """Loss and every gradient of our sparse forward with free rows == SAELens's own
+    TopKTrainingSAE (rescale_acts_by_decoder_norm) under plain autograd, on the same weights."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    x, ours = batch(), _free_sae()
+    o = forward(ours, x, K, (M,), torch.ones(1, dtype=torch.float64))
+    o.loss.backward()
+    sl = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=M, k=K, dtype="float64", device="cpu",
+                                               rescale_acts_by_decoder_norm=True))
+    with torch.no_grad():
+        for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sl, n).copy_(getattr(ours, n))
+    feats, _ = sl.encode_with_hidden_pre(x)
+    theirs = ((x - sl.decode(feats)) ** 2).sum() / total_variance(x)
+    theirs.backward()
+    assert float(o.loss.detach()) == pytest.approx(float(theirs.detach()), rel=1e-10)
+    for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(ours, n).grad, getattr(sl, n).grad, msg=n)
+
+
+def test_free_rows_fold_into_an_identical_unit_row_sae():
+    sae, x = _free_sae(1), batch(1)
+    W_enc, b_enc, W_dec = sae.effective()
+    torch.testing.assert_close(W_dec.norm(dim=1), torch.ones(M, dtype=torch.float64))
+    unit = make_sae(1)
+    with torch.no_grad():
+        unit.W_enc.copy_(W_enc), unit.b_enc.copy_(b_enc), unit.W_dec.copy_(W_dec)
+    w = torch.full((4,), 0.25, dtype=torch.float64)
+    a, b = forward(sae, x, K, LADDER, w), forward(unit, x, K, LADDER, w)
+    assert torch.equal(a.sel.indices, b.sel.indices)
+    torch.testing.assert_close(a.fvus, b.fvus)
+    # the raw rows are not unit: a step keeps their norms free (no renormalisation)
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(M, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n_dead", [3, 12])
+def test_auxk_batch_norm_is_saelens_scale(n_dead):
+    sae, x = make_sae(), batch()
+    dead, k_aux = torch.arange(n_dead) * 2, 6
+    w = torch.full((4,), 0.25, dtype=torch.float64)
+    gao = forward(sae, x, K, LADDER, w, dead, k_aux=k_aux)
+    sl = forward(sae, x, K, LADDER, w, dead, k_aux=k_aux, auxk_norm="batch")
+    s = sl.sel
+    x_hat = F.embedding_bag(s.indices, sae.W_dec, per_sample_weights=s.values, mode="sum") + sae.b_dec
+    e = (x - x_hat).detach()
+    sse = ((F.embedding_bag(s.aux_indices, sae.W_dec, per_sample_weights=s.aux_values, mode="sum") - e) ** 2).sum()
+    want = sse / total_variance(x) * min(n_dead / k_aux, 1.0)
+    assert float(sl.auxk) == pytest.approx(float(want.detach()), rel=1e-10)
+    assert float(gao.auxk) == pytest.approx(float((sse / total_variance(e)).detach()), rel=1e-10)
+    assert float(sl.loss.detach()) == pytest.approx(float((w * sl.fvus).sum() + sl.auxk / 32), rel=1e-12)

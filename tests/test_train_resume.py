@@ -68,15 +68,21 @@ def cache(tmp_path_factory) -> Path:
     return make_cache(tmp_path_factory.mktemp("acts") / "train")
 
 
-@pytest.mark.parametrize("arch", ["matryoshka", "topk"])
-def test_train_writes_checkpoint(cache, tmp_path, arch):
-    out = train(tiny(arch), cache, tmp_path / "ck", progress=False)
+FREE = {"decoder_norm": "free", "auxk_norm": "batch"}
+"""SAELens's TopK recipe: rows free in norm (folded into the checkpoint), AuxK on the batch's scale."""
+
+
+@pytest.mark.parametrize("arch,recipe", [("matryoshka", {}), ("topk", {}), ("topk", FREE), ("matryoshka", FREE)])
+def test_train_writes_checkpoint(cache, tmp_path, arch, recipe):
+    out = train(tiny(arch, **recipe), cache, tmp_path / "ck", progress=False)
     ck = checkpoint.load(out)
     m = ck.meta
     assert (m.architecture, m.d_in, m.d_sae, m.k) == (arch, D, 32, 4)
     assert m.granularities == (4, 8, 16, 32) and m.model == "synthetic" and m.layer == 3
     assert m.training_tokens == (1200 // 32) * 32 and m.scale > 0
     assert m.extra["train_config"]["arch"] == arch and m.extra["outlier_policy"]["factor"] == 10.0
+    tc = m.extra["train_config"]  # the defaults are not recorded: older runs compare equal
+    assert {k: tc[k] for k in FREE if k in tc} == recipe
     assert m.extra["tokens_per_s"] > 0 and m.extra["dead_window_tokens"] == 118
     torch.testing.assert_close(ck.sae.W_dec.norm(dim=1) * m.scale, torch.ones(32), rtol=1e-4, atol=1e-4)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
@@ -87,7 +93,8 @@ def test_train_writes_checkpoint(cache, tmp_path, arch):
     assert ("fvu_rungs" in log[0]) == ("fvu_saved_rungs" in log[-1]) == (arch == "matryoshka")
     assert "fvu_saved" in log[-1] and not any("fvu_saved" in r for r in log[:-1])
     # decoding the last step's batch through the saved checkpoint reproduces the logged FVU of the
-    # saved weights (`fvu` is measured before that step's update, `fvu_saved` after it)
+    # saved weights (`fvu` is measured before that step's update, `fvu_saved` after it); with free
+    # decoder rows this checks the fold into unit rows
     x = last_batch(cache, ck.meta)
     codes = ck.sae.encode(x)
     rungs = log[-1].get("fvu_saved_rungs", [log[-1]["fvu_saved"]])
@@ -98,12 +105,13 @@ def test_train_writes_checkpoint(cache, tmp_path, arch):
     assert fvus[-1] < log[-1]["fvu"] < fvus[-1] + 0.05
 
 
-def test_interrupted_run_resumes_to_identical_weights(cache, tmp_path):
-    ref = train(tiny(), cache, tmp_path / "ref", progress=False)
+@pytest.mark.parametrize("recipe", [{}, FREE])
+def test_interrupted_run_resumes_to_identical_weights(cache, tmp_path, recipe):
+    ref = train(tiny(**recipe), cache, tmp_path / "ref", progress=False)
     out = tmp_path / "res"
-    train(tiny(), cache, out, progress=False, max_steps=12)  # stops after step 12, state at 12
+    train(tiny(**recipe), cache, out, progress=False, max_steps=12)  # stops after step 12, state at 12
     assert state_dir(out).exists() and not out.exists()
-    train(tiny(), cache, out, progress=False)
+    train(tiny(**recipe), cache, out, progress=False)
     for name, t in weights(ref).items():
         assert torch.equal(t, weights(out)[name]), name
     steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]

@@ -16,6 +16,10 @@ Arch = Literal["topk", "matryoshka"]
 ARCHS: tuple[Arch, ...] = ("topk", "matryoshka")
 Precision = Literal["float32", "tf32", "bfloat16"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "tf32", "bfloat16")
+DecoderNorm = Literal["unit", "free"]
+DECODER_NORMS: tuple[DecoderNorm, ...] = ("unit", "free")
+AuxkNorm = Literal["residual", "batch"]
+AUXK_NORMS: tuple[AuxkNorm, ...] = ("residual", "batch")
 
 DEAD_TOKENS_MAX = 10_000_000
 """Gao et al.'s dead window; runs shorter than 10x this use a tenth of their budget."""
@@ -75,6 +79,18 @@ class TrainConfig:
 
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss (Gao et al. 2024)."""
+
+    auxk_norm: AuxkNorm = "residual"
+    """AuxK's scale. "residual": the dead latents' squared error over the residual's own variance
+    (Gao et al.'s normalised MSE). "batch": over the input batch's variance, like the
+    reconstruction loss, times min(dead / k_aux, 1) (SAELens's TopK: its sum of squares relative
+    to its reconstruction loss), so it weighs less while few latents are dead."""
+
+    decoder_norm: DecoderNorm = "unit"
+    """"unit": decoder rows kept at norm 1 (gradient parallel to a row removed, rows renormalised
+    after each step). "free": rows free in norm, top-k taken over pre * ||W_dec_i|| and decoded
+    from pre (SAELens's TopK `rescale_acts_by_decoder_norm`); the checkpoint folds the norms into
+    the encoder, so it decodes identically with unit rows."""
 
     k_aux: int = 0
     """Dead latents used by AuxK; 0 = d_in / 2."""
@@ -159,6 +175,10 @@ class TrainConfig:
             raise ValueError("log_every must be positive")
         if self.lr < 0 or not 0 <= self.lr_decay_frac <= 1:
             raise ValueError("lr must be >= 0 and lr_decay_frac in [0, 1]")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise ValueError(f"unknown --decoder-norm {self.decoder_norm!r}; choose from {', '.join(DECODER_NORMS)}")
+        if self.auxk_norm not in AUXK_NORMS:
+            raise ValueError(f"unknown --auxk-norm {self.auxk_norm!r}; choose from {', '.join(AUXK_NORMS)}")
         if self.dtype not in PRECISIONS:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(PRECISIONS)}")
         if not isinstance(self.outlier_factor, OutlierPolicy):
@@ -217,6 +237,9 @@ class TrainConfig:
             del d["k_ladder"]
         if not self.auto_ladder:
             del d["auto_ladder"]
+        for name, default in (("auxk_norm", "residual"), ("decoder_norm", "unit")):
+            if d[name] == default:  # likewise
+                del d[name]
         if self.dtype == "float32":  # likewise
             del d["dtype"]
         return d

@@ -30,7 +30,13 @@ loss is R(k), computed by the same operations as before.
 AuxK (Gao et al. 2024, SPEC §3): the top-k_aux dead latents reconstruct the detached
 residual e = x - x_hat_M of the full reconstruction, decoded without b_dec, as a
 normalised MSE ||e_hat - e||^2 / ||e - mean_batch(e)||^2 (Gao's `normalized_mse`), scaled
-by `auxk_coef` (1/32).
+by `auxk_coef` (1/32). `auxk_norm="batch"` (SAELens's scale) divides by the input batch's
+total variance instead, like the reconstruction loss, times min(n_dead / k_aux, 1).
+
+Decoder norm: unit rows (the default: parallel gradient removed, rows renormalised after each
+step), or rows free in norm ("free", SAELens's `rescale_acts_by_decoder_norm`): with
+n_i = ||W_dec_i||, the top-k runs over pre_i * n_i and the decode over W_dec_i / n_i, i.e.
+a reparametrisation of a unit-row SAE (`TrainableSAE.effective`) that the checkpoint folds.
 """
 
 from __future__ import annotations
@@ -46,11 +52,21 @@ from torch import Tensor, nn
 from .sparse_topk import Selection, decoder_grad, topk_encode
 
 
-class TrainableSAE(nn.Module):
-    """SAE parameters in SAELens layout, normalised scale, with unit-norm decoder rows."""
+class Effective(NamedTuple):
+    """The unit-row SAE that a TrainableSAE's parameters stand for (differentiable)."""
 
-    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None):
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+
+
+class TrainableSAE(nn.Module):
+    """SAE parameters in SAELens layout, normalised scale; decoder rows of unit norm, or free in
+    norm (`free_norm`, read through `effective`)."""
+
+    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, free_norm: bool = False):
         super().__init__()
+        self.free_norm = free_norm
         W_dec = torch.randn(d_sae, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
@@ -65,6 +81,14 @@ class TrainableSAE(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.W_dec.shape[0]
+
+    def effective(self) -> Effective:
+        """Unit rows: the parameters themselves. Free rows (n = ||W_dec_i||): W_enc * n, b_enc * n,
+        W_dec / n, so that top-k ranks pre * n and the decode is pre * W_dec (SAELens's rescaled TopK)."""
+        if not self.free_norm:
+            return Effective(self.W_enc, self.b_enc, self.W_dec)
+        n = self.W_dec.norm(dim=1).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+        return Effective(self.W_enc * n, self.b_enc * n, self.W_dec / n[:, None])
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
@@ -222,8 +246,9 @@ def total_variance(x: Tensor) -> Tensor:
     return torch.dot(xc.view(-1), xc.view(-1))
 
 
-def auxk_loss(W_dec: Tensor, sel: Selection, residual: Tensor) -> Tensor:
-    """Normalised MSE of the dead latents' decode (no b_dec) against the detached residual."""
+def auxk_loss(W_dec: Tensor, sel: Selection, residual: Tensor, tv: Tensor | None = None) -> Tensor:
+    """Normalised MSE of the dead latents' decode (no b_dec) against the detached residual: over
+    the residual's total variance, or over `tv` when given."""
     if sel.aux_indices.shape[1] == 0:
         return residual.new_zeros(())
     e = residual.detach()
@@ -234,42 +259,54 @@ def auxk_loss(W_dec: Tensor, sel: Selection, residual: Tensor) -> Tensor:
         e_hat = F.embedding_bag(idx, W_dec.detach(), per_sample_weights=vals, mode="sum")
         token = torch.arange(idx.numel(), device=idx.device) // idx.shape[1]
         e_hat = decoder_grad(e_hat, W_dec, token, vals.reshape(-1), sel.aux_bags)
-    return ((e_hat - e).square().sum() / total_variance(e)).nan_to_num(0.0)
+    return ((e_hat - e).square().sum() / (total_variance(e) if tv is None else tv)).nan_to_num(0.0)
 
 
 def forward(sae: TrainableSAE, x: Tensor, k: int, ladder: tuple[int, ...], weights: Tensor,
             dead: Tensor | None = None, k_aux: int = 0, auxk_coef: float = 1 / 32,
-            encode: Callable[..., Selection] = topk_encode, k_ladder: tuple[int, ...] = ()) -> Output:
+            encode: Callable[..., Selection] = topk_encode, k_ladder: tuple[int, ...] = (),
+            auxk_norm: str = "residual") -> Output:
     """Loss of one batch x [B, d_in] (normalised scale). `dead`: int64 ids of dead latents.
     `k_ladder` (k'_1 < ... < k'_n = k): also train the decode from each token's k' largest codes
-    (the module docstring's hierarchical top-k); empty or (k,): today's loss, computed as before."""
+    (the module docstring's hierarchical top-k); empty or (k,): today's loss, computed as before.
+    `auxk_norm`: "residual" (Gao) or "batch" (SAELens), see the module docstring."""
     x_in = x - sae.b_dec
-    sel = encode(x_in, sae.W_enc, sae.b_enc, k, dead, k_aux)
-    partials = band_partials(sae.W_dec, sel, ladder)
+    W_enc, b_enc, W_dec = sae.effective()
+    sel = encode(x_in, W_enc, b_enc, k, dead, k_aux)
+    partials = band_partials(W_dec, sel, ladder)
     sse, residual = prefix_sse(x_in, partials)
     tv = total_variance(x)
     fvus = sse / tv
     loss = (weights * fvus).sum()
     fvus_k = fvus[-1:].detach()
     if len(k_ladder) > 1:
-        k_sse, _ = prefix_sse(x_in, rank_partials(sae.W_dec, sel, k_ladder)[:-1])
+        k_sse, _ = prefix_sse(x_in, rank_partials(W_dec, sel, k_ladder)[:-1])
         k_fvus = k_sse / tv
         loss = (loss + k_fvus.sum()) / len(k_ladder)
         fvus_k = torch.cat([k_fvus.detach(), fvus_k])
-    aux = auxk_loss(sae.W_dec, sel, residual)
-    if sel.aux_indices.shape[1]:
+    n_aux = sel.aux_indices.shape[1]
+    if auxk_norm == "batch":
+        n_dead = 0 if dead is None else dead.numel()
+        aux = auxk_loss(W_dec, sel, residual, tv) * min(n_dead / max(k_aux, 1), 1.0)
+    else:
+        aux = auxk_loss(W_dec, sel, residual)
+    if n_aux:
         loss = loss + auxk_coef * aux
     return Output(loss, fvus.detach(), aux.detach(), sel, fvus_k)
 
 
 def optimizer_step(sae: TrainableSAE, opt: torch.optim.Optimizer, x: Tensor, k: int, ladder: tuple[int, ...],
                    weights: Tensor, dead: Tensor | None = None, k_aux: int = 0, auxk_coef: float = 1 / 32,
-                   encode: Callable[..., Selection] = topk_encode, k_ladder: tuple[int, ...] = ()) -> Output:
-    """forward, backward, parallel-gradient removal, Adam step, decoder renormalisation."""
-    out = forward(sae, x, k, ladder, weights, dead, k_aux, auxk_coef, encode, k_ladder)
+                   encode: Callable[..., Selection] = topk_encode, k_ladder: tuple[int, ...] = (),
+                   auxk_norm: str = "residual") -> Output:
+    """forward, backward, Adam step; with unit decoder rows also parallel-gradient removal before
+    the step and renormalisation after it."""
+    out = forward(sae, x, k, ladder, weights, dead, k_aux, auxk_coef, encode, k_ladder, auxk_norm)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
-    sae.remove_parallel_grad()
+    if not sae.free_norm:
+        sae.remove_parallel_grad()
     opt.step()
-    sae.normalise_decoder()
+    if not sae.free_norm:
+        sae.normalise_decoder()
     return out

@@ -184,8 +184,9 @@ def _log_line(out: Any, step: int, tokens: int, tok_s: float, dead: float, lr: f
 def _fvus_now(sae: TrainableSAE, x: torch.Tensor, k: int, ladder: tuple[int, ...]) -> list[float]:
     """Float64 FVU at each rung of the ladder of batch x (normalised scale) by sae's current
     weights: the training forward's one top-k and nested prefix decode, without AuxK."""
-    sel = topk_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, k)
-    recon = band_partials(sae.W_dec, sel, ladder).cumsum(0) + sae.b_dec
+    W_enc, b_enc, W_dec = sae.effective()
+    sel = topk_encode(x - sae.b_dec, W_enc, b_enc, k)
+    recon = band_partials(W_dec, sel, ladder).cumsum(0) + sae.b_dec
     return [batch_fvu(x, r) for r in recon]
 
 
@@ -215,7 +216,7 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
     M, B = cfg.d_sae, cfg.batch_size
 
     torch.manual_seed(cfg.seed)
-    sae = TrainableSAE(d_in, M, torch.Generator().manual_seed(cfg.seed)).to(dev)
+    sae = TrainableSAE(d_in, M, torch.Generator().manual_seed(cfg.seed), cfg.decoder_norm == "free").to(dev)
     params = dict(sae.named_parameters())
     opt = torch.optim.Adam([params[n] for n in ts.PARAMS], lr=cfg.base_lr(), betas=cfg.betas, eps=cfg.eps)
     tracker = DeadTracker(M, window, device=dev)
@@ -261,7 +262,7 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
             for g in opt.param_groups:
                 g["lr"] = lr
             o = optimizer_step(sae, opt, x, cfg.k, ladder, weights, dead, k_aux, cfg.auxk_coef,
-                               encode=encode, k_ladder=k_ladder)
+                               encode=encode, k_ladder=k_ladder, auxk_norm=cfg.auxk_norm)
             if not torch.isfinite(o.loss):
                 raise RuntimeError(f"loss is {float(o.loss)} at step {step}; lower --lr (state kept in {sd})")
             tracker.update(o.sel.indices, o.sel.values, B)
@@ -302,8 +303,9 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
             dead: torch.Tensor, window: int, k_aux: int, total_steps: int, init_s: float) -> Path:
     man = cache.manifest
     sd = ts.state_dir(out)
-    final = SAE(W_enc=sae.W_enc.detach().cpu().clone(), W_dec=sae.W_dec.detach().cpu().clone(),
-                b_enc=sae.b_enc.detach().cpu().clone(), b_dec=sae.b_dec.detach().cpu().clone(), k=cfg.k,
+    with torch.no_grad():  # free decoder rows: their norms folded into the encoder
+        W_enc, b_enc, W_dec = (t.detach().cpu().clone() for t in sae.effective())
+    final = SAE(W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=sae.b_dec.detach().cpu().clone(), k=cfg.k,
                 scale=meta.scale)  # CPU copies: the checkpoint names no device
     outliers = cache.outliers()
     extra = {
