@@ -10,6 +10,14 @@ schedule (TrainConfig.lr_at), AuxK coefficient 1/32 and dead window. Ours is tra
 SAETrainer._train_step, then its decoder norms are folded (its `fold_W_dec_norm`) and its
 weights wrapped in progsae's codec to decode at every G in latent index order (unsorted)
 and in E[a^2] order computed on the held-out set (an upper bound for the sorted variant).
+
+`--save DIR` also writes SAELens's SAE as a progsae checkpoint (folded, unit rows), so that
+`progsae order` (ordering measured on the training cache) and `progsae eval` treat it exactly
+like ours; `--skip-ours` trains only SAELens's (the TopK recipe study in RESULTS.md):
+
+    python bench/bench_train_saelens_fvu.py --train acts/smollm2-l15-train600k \
+        --heldout acts/smollm2-l15-heldout --batch 1024 --lr 2e-3 --threads 1 --skip-ours \
+        --save ckpt/smollm2-l15-600k-topk-saelens-s0
 """
 
 from __future__ import annotations
@@ -92,6 +100,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--save", help="also write SAELens's SAE here as a progsae checkpoint")
+    p.add_argument("--skip-ours", action="store_true", help="train only SAELens's SAE")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,11 +112,27 @@ def main() -> None:
     for key in ("model", "layer", "d_model"):
         if getattr(cache.manifest, key) != getattr(held.manifest, key):
             raise SystemExit(f"--train and --heldout differ in {key}")
+    scale = norm_scale(cache.sample(cfg.init_samples, seed=cfg.seed))
+    t0 = time.perf_counter()
+    theirs, their_tps = train_saelens(cfg, cache, scale)
+    if args.save:
+        man = cache.manifest
+        steps = _plan(cfg, len(cache))[0]
+        checkpoint.save(args.save, theirs, checkpoint.CheckpointMeta(
+            architecture="topk", d_in=cache.d_model, d_sae=cfg.d_sae, k=cfg.k, granularities=ladder, scale=scale,
+            model=man.model, layer=man.layer, hook=man.extra.get("hook") or f"hidden_states.{man.layer}",
+            training_tokens=steps * cfg.batch_size,
+            extra={"trained_by": "sae-lens TopKTrainingSAE (bench/bench_train_saelens_fvu.py)",
+                   "train_config": cfg.to_dict(), "activations": str(cache.dir), "tokens_per_s": their_tps,
+                   "wall_time_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}))
+        print(f"wrote {args.save}")
+    if args.skip_ours:
+        print(json.dumps({"tokens_per_s": {"sae-lens": their_tps},
+                          "fvu_unsorted": {"sae-lens": fvu_ladder(theirs, held, ladder)}}, indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         ck = checkpoint.load(train(cfg, args.train, f"{tmp}/ours", progress=False))
     ours, ours_tps = ck.sae, ck.meta.extra["tokens_per_s"]
-    scale = norm_scale(cache.sample(cfg.init_samples, seed=cfg.seed))
-    theirs, their_tps = train_saelens(cfg, cache, scale)
     res = {
         "tokens": ck.meta.training_tokens, "ladder": list(ladder),
         "tokens_per_s": {"progsae": ours_tps, "sae-lens": their_tps},
