@@ -200,6 +200,28 @@ def test_interp_end_to_end_bands_orders_and_json(tmp_path, capsys):
     assert isinstance(back, InterpResult) and back.variants["none"].bands[1].g_lo == fx.LADDER[0]
 
 
+def test_pruned_topk_interpretability_per_latent_does_not_depend_on_its_index(tmp_path):
+    """A TopK SAE whose latents are physically permuted into its E[a²] order scores every latent as
+    before (simulation per latent), and its trained-order bands equal the original's mean_sq bands:
+    the measures follow the latent, not where the ordering puts it."""
+    from progsae.sae import checkpoint
+    from progsae.sae.ordering import apply
+
+    acts = fx.make_cache(tmp_path / "acts", n_contexts=160)
+    topk, _ = fx.make_checkpoints(tmp_path)
+    ck = checkpoint.load(topk)
+    order = ck.orderings["mean_sq"]
+    assert not torch.equal(order.perm, torch.arange(len(order.perm)))
+    moved = checkpoint.save(tmp_path / "moved", apply(ck.sae, order), ck.meta)
+    cfg = InterpConfig(absorption=False, n_top=10, n_random=60)
+    a, b = (interp(c, acts, cfg, log=lambda m: None) for c in (topk, moved))
+    per_a, per_b = np.asarray(a.simulation_per_latent), np.asarray(b.simulation_per_latent)
+    np.testing.assert_allclose(per_b, per_a[order.perm.numpy()], rtol=1e-9, equal_nan=True)
+    for x, y in zip(a.variants["mean_sq"].bands, b.variants["none"].bands, strict=True):  # NaN: no prefix
+        np.testing.assert_allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), rtol=1e-9,
+                                   equal_nan=True)
+
+
 def test_interp_needs_token_ids(tmp_path, capsys):
     from progsae.trainer.activations import CacheWriter, Manifest
 
