@@ -26,6 +26,7 @@ import argparse
 import json
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -36,7 +37,7 @@ from progsae.sae.ordering import ImportanceAccumulator, apply
 from progsae.trainer.activations import ActivationCache
 from progsae.trainer.config import TrainConfig
 from progsae.trainer.dead_latents import DeadTracker
-from progsae.trainer.sae_init import norm_scale
+from progsae.trainer.sae_init import init_b_dec, norm_scale
 from progsae.trainer.train import _plan, train
 
 
@@ -57,12 +58,32 @@ def sorted_by_mean_sq(sae: SAE, held: ActivationCache) -> SAE:
     return apply(sae, acc.ordering("mean_sq"))
 
 
-def train_saelens(cfg: TrainConfig, cache: ActivationCache, scale: float) -> tuple[SAE, float]:
+class Recipe(NamedTuple):
+    """SAELens's TopK training as SAETrainer runs it, or with one part of it changed towards ours."""
+
+    decoder_init_norm: float | None = 0.1
+    """SAELens's default 0.1; None: unit rows (ours). The encoder starts as W_dec^T either way."""
+    rescale: bool = True
+    """rescale_acts_by_decoder_norm (SAELens's default); False: plain top-k on pre, no fold."""
+    clip: float = 1.0
+    """Gradient-norm clip of SAETrainer (0: none, as ours)."""
+    b_dec_median: bool = False
+    """Start b_dec at the geometric median of the init sample (ours) instead of zeros."""
+
+
+def train_saelens(cfg: TrainConfig, cache: ActivationCache, scale: float,
+                  recipe: Recipe | None = None) -> tuple[SAE, float]:
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
+    recipe = recipe or Recipe()
     sl = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cache.d_model, d_sae=cfg.d_sae, k=cfg.k, dtype="float32",
-                                               device="cpu", aux_loss_coefficient=cfg.auxk_coef))
+                                               device="cpu", aux_loss_coefficient=cfg.auxk_coef,
+                                               decoder_init_norm=recipe.decoder_init_norm,
+                                               rescale_acts_by_decoder_norm=recipe.rescale))
+    if recipe.b_dec_median:
+        with torch.no_grad():
+            sl.b_dec.copy_(init_b_dec(cache.sample(cfg.init_samples, seed=cfg.seed) * scale))
     opt = torch.optim.Adam(sl.parameters(), lr=cfg.base_lr())
     steps, epochs = _plan(cfg, len(cache))
     tracker = DeadTracker(cfg.d_sae, cfg.dead_window(steps * cfg.batch_size))
@@ -79,11 +100,13 @@ def train_saelens(cfg: TrainConfig, cache: ActivationCache, scale: float) -> tup
         tracker.since_fired += x.shape[0]
         tracker.since_fired[idx[:, 1].unique()] = 0
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sl.parameters(), 1.0)
+        if recipe.clip:
+            torch.nn.utils.clip_grad_norm_(sl.parameters(), recipe.clip)
         opt.step()
         opt.zero_grad()
     tok_s = steps * cfg.batch_size / (time.perf_counter() - t0)
-    sl.fold_W_dec_norm()
+    if recipe.rescale:
+        sl.fold_W_dec_norm()
     w = {n: getattr(sl, n).detach().clone() for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
     return SAE(**w, k=cfg.k, scale=scale), tok_s
 
@@ -102,6 +125,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--save", help="also write SAELens's SAE here as a progsae checkpoint")
     p.add_argument("--skip-ours", action="store_true", help="train only SAELens's SAE")
+    p.add_argument("--sl-unit-init", action="store_true", help="SAELens with unit decoder rows at init (not 0.1)")
+    p.add_argument("--sl-no-rescale", action="store_true", help="SAELens without rescale_acts_by_decoder_norm")
+    p.add_argument("--sl-clip", type=float, default=1.0, help="SAELens's grad-norm clip (0: off)")
+    p.add_argument("--sl-b-dec-median", action="store_true", help="SAELens with b_dec at the geometric median")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,7 +141,8 @@ def main() -> None:
             raise SystemExit(f"--train and --heldout differ in {key}")
     scale = norm_scale(cache.sample(cfg.init_samples, seed=cfg.seed))
     t0 = time.perf_counter()
-    theirs, their_tps = train_saelens(cfg, cache, scale)
+    recipe = Recipe(None if args.sl_unit_init else 0.1, not args.sl_no_rescale, args.sl_clip, args.sl_b_dec_median)
+    theirs, their_tps = train_saelens(cfg, cache, scale, recipe)
     if args.save:
         man = cache.manifest
         steps = _plan(cfg, len(cache))[0]
@@ -123,7 +151,8 @@ def main() -> None:
             model=man.model, layer=man.layer, hook=man.extra.get("hook") or f"hidden_states.{man.layer}",
             training_tokens=steps * cfg.batch_size,
             extra={"trained_by": "sae-lens TopKTrainingSAE (bench/bench_train_saelens_fvu.py)",
-                   "train_config": cfg.to_dict(), "activations": str(cache.dir), "tokens_per_s": their_tps,
+                   "train_config": cfg.to_dict(), "sae_lens_recipe": recipe._asdict(),
+                   "activations": str(cache.dir), "tokens_per_s": their_tps,
                    "wall_time_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}))
         print(f"wrote {args.save}")
     if args.skip_ours:
