@@ -19,7 +19,7 @@ from progsae.trainer.losses import (
     prefix_sse,
     total_variance,
 )
-from progsae.trainer.sae_init import geometric_median, norm_scale
+from progsae.trainer.sae_init import geometric_median, init_b_dec, norm_scale
 from progsae.trainer.sparse_topk import topk_encode, topk_encode_dense
 
 D, M, K, B = 8, 32, 4, 64
@@ -247,6 +247,10 @@ def test_norm_scale_and_geometric_median():
     gm = geometric_median(pts)
     assert gm.norm() < 2.0  # robust to the outlier, unlike the mean
     torch.testing.assert_close(geometric_median(torch.tensor([[1.0, 2.0]] * 3)), torch.tensor([1.0, 2.0]))
+    assert torch.equal(init_b_dec(pts, "zeros"), torch.zeros(2))
+    torch.testing.assert_close(init_b_dec(pts, "mean"), pts.mean(0))
+    with pytest.raises(ValueError, match="median, mean or zeros"):
+        init_b_dec(pts, "mode")
 
 
 def test_lr_schedule_warmup_flat_decay():

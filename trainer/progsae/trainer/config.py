@@ -103,8 +103,9 @@ class TrainConfig:
     init_samples: int = 65536
     """Tokens sampled (with `seed`) to fit the normalisation scalar and b_dec."""
 
-    b_dec_init: Literal["median", "mean"] = "median"
-    """b_dec initialisation: geometric median (Weiszfeld) or mean of the sample."""
+    b_dec_init: Literal["median", "mean", "zeros"] = "median"
+    """b_dec initialisation: geometric median (Weiszfeld) or mean of the sample, or zeros (SAELens:
+    latents then learn the activations' offset, and a few dense ones lead an E[a²] ordering)."""
 
     outlier_factor: OutlierPolicy = DEFAULT
     """Cache read policy: drop tokens with norm > this factor x the median token norm (0, none or

@@ -30,9 +30,11 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
 
 
 def init_b_dec(x: Tensor, how: str = "median") -> Tensor:
-    """b_dec from a normalised-scale sample: geometric median or mean."""
+    """b_dec from a normalised-scale sample: geometric median, mean, or zeros."""
     if how == "median":
         return geometric_median(x)
     if how == "mean":
         return x.double().mean(0).float()
-    raise ValueError(f"unknown b_dec init {how!r}; choose median or mean")
+    if how == "zeros":
+        return x.new_zeros(x.shape[1])
+    raise ValueError(f"unknown b_dec init {how!r}; choose median, mean or zeros")
