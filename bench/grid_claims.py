@@ -31,14 +31,17 @@ CLAIMS = (("1. Matryoshka − E[a²]-sorted TopK", "Matryoshka", "TopK E[a²]"),
 HEADS = (1000, 0)
 
 
-def verdict(d: float, noise: float) -> str:
-    return "within noise" if abs(d) <= 2 * noise else ("A better" if d < 0 else "B better")
+HIGHER_IS_BETTER = {"rsa", "ce_recovered"}
+
+
+def verdict(d: float, noise: float, higher: bool) -> str:
+    return "within noise" if abs(d) <= 2 * noise else ("A better" if (d > 0) == higher else "B better")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cell", action="append", required=True, help="M,k=PATH with {arch}; repeatable")
-    ap.add_argument("--metric", default="fvu", help="metric to compare (lower is better): fvu or kl")
+    ap.add_argument("--metric", default="fvu", help="metric to compare: fvu, rsa (or kl, ce_recovered after --ce)")
     ap.add_argument("--noise", type=float, default=0.005, help="seed sd of a paired difference")
     a = ap.parse_args()
     for cell in a.cell:
@@ -51,13 +54,14 @@ def main() -> None:
         print("|---|" + "---:|" * len(gs))
         for name, _, _ in VARIANTS:
             print(f"| {name} | " + " | ".join(f"{data[name][g][a.metric]:.4f}" for g in gs) + " |")
-        print(f"\n| claim (A − B, {a.metric}; negative: A better) | " + " | ".join(f"G={g}" for g in gs[:-1]) + " |")
+        higher = a.metric in HIGHER_IS_BETTER
+        print(f"\n| claim (A − B, {a.metric}) | " + " | ".join(f"G={g}" for g in gs[:-1]) + " |")
         print("|---|" + "---:|" * (len(gs) - 1))
         for label, va, vb in CLAIMS:
             cells = []
             for g in gs[:-1]:
                 d = data[va][g][a.metric] - data[vb][g][a.metric]
-                cells.append(f"{d:+.4f} ({verdict(d, a.noise)})")
+                cells.append(f"{d:+.4f} ({verdict(d, a.noise, higher)})")
             print(f"| {label} | " + " | ".join(cells) + " |")
         scores = np.asarray(json.loads((paths["topk"] / "metrics.json").read_text())["mean_sq"]["scores_sorted"])
         laws = [(h, fit_power_law(scores[:h] if h else scores)) for h in HEADS]
