@@ -19,7 +19,7 @@ from progsae.sae.codec import SAE, Codes
 from progsae.server import testing
 from progsae.server.errors import ServiceError, Status
 from progsae.server.grpc_server import PlainServer
-from progsae.server.registry import ModelCard, ModelSpec, Registry, RegistryConfig, ServedModel
+from progsae.server.registry import ModelCard, ModelRef, Registry, RegistryConfig, ServedModel
 from progsae.server.service import CodecService
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
@@ -36,7 +36,7 @@ def exact_model() -> tuple[ServedModel, np.ndarray]:
     b_dec = torch.randint(-2, 3, (d,), generator=g).float()
     sae = SAE(W_enc=W_dec.T.clone(), W_dec=W_dec, b_enc=torch.arange(m).float() / 64, b_dec=b_dec, k=k)
     meta = checkpoint.CheckpointMeta(architecture="matryoshka", d_in=d, d_sae=m, k=k, granularities=(4, 8, 16, 32))
-    card = ModelCard(ModelSpec("exact", "none", Path("/nonexistent")), meta, ())
+    card = ModelCard(ModelRef("exact", "none", Path("/nonexistent")), meta, ())
     coef = torch.randint(0, 4, (12, m), generator=g).float() * (torch.rand(12, m, generator=g) < 0.1)
     return ServedModel(card, sae), (b_dec + coef @ W_dec).numpy()
 

@@ -23,13 +23,14 @@ from progsae.v1 import progsae_pb2 as pb
 
 from . import auth, http_api
 from . import text as textmod
+from .call import RayCall
 from .config import AppConfig
 from .errors import ServiceError, Status
 from .grpc_server import GrpcServerConfig, start_aio_server
 from .ray_proxy import LOST_REPLICA, is_lost_replica
 from .registry import Registry, RegistryConfig, ServedModel
 from .service import CodecService, ServiceConfig
-from .servicer import SERVICE_NAME, ProgsaeServicer, fail
+from .servicer import ProgsaeServicer
 from .stats import Stats
 from .text import TextActivations
 
@@ -76,8 +77,8 @@ class Codec:
             ServiceConfig(limits=c.limits, torch_threads=c.torch_threads, compute_threads=c.compute_threads),
             Stats(RayServeSink()), text_available=self._text_available)
         self.lm = lm if c.text else None
-        self._token = auth.resolve_token(c.auth_token, c.auth_token_env)
-        self.servicer = ProgsaeServicer(self.registry, self.service, token=self._token,
+        self.servicer = ProgsaeServicer(self.registry, self.service,
+                                        token=auth.resolve_token(c.auth_token, c.auth_token_env),
                                         # Ray leaves serve.multiplexed's result unannotated (pyright misreads it)
                                         load=lambda spec: self._load(spec.id),  # pyright: ignore[reportCallIssue]
                                         encode=self._encode,
@@ -86,6 +87,7 @@ class Codec:
         self._encode_batch.set_max_batch_size(c.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue]
         self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
         self._encodes_in_flight = 0
+        http_api.host(self.servicer)
         self._direct = None
         if c.direct_grpc_port:
             self._direct = await start_aio_server(
@@ -96,8 +98,8 @@ class Codec:
         """Serve calls this when the replica stops: the direct port drains its calls like Serve does."""
         direct, self._direct = getattr(self, "_direct", None), None
         if direct is not None:
-            server, health, _ = direct
-            await health.enter_graceful_shutdown()
+            server, _ = direct
+            self.servicer.health.enter_graceful_shutdown()
             await server.stop(self.config.graceful_shutdown_timeout_s)
 
     def _text_available(self, card) -> bool:
@@ -149,16 +151,16 @@ class Codec:
             raise ServiceError(Status(r[1]), r[2])
         return r[1]
 
-    # --- gRPC through Serve's proxy: the servicer's methods -----------------------------------
+    # --- gRPC through Serve's proxy: the servicer's methods, each call wrapped in a RayCall ---------
 
     async def Encode(self, request: pb.EncodeRequest, grpc_context=None) -> pb.EncodeResponse:
-        return await self.servicer.Encode(request, grpc_context)
+        return await self.servicer.Encode(request, RayCall(grpc_context))
 
     async def DecodeAtGranularity(self, request: pb.DecodeRequest, grpc_context=None) -> pb.DecodeResponse:
-        return await self.servicer.DecodeAtGranularity(request, grpc_context)
+        return await self.servicer.DecodeAtGranularity(request, RayCall(grpc_context))
 
     async def StreamDecode(self, request: pb.StreamDecodeRequest, grpc_context=None):
-        stream = self.servicer.StreamDecode(request, grpc_context)
+        stream = self.servicer.StreamDecode(request, RayCall(grpc_context))
         # When Ray cancels the request (client gone, deadline passed) while the stream is parked at
         # `yield`, it is never resumed: close it from the task's end so it counts and computes no more.
         task = asyncio.current_task()
@@ -177,31 +179,29 @@ class Codec:
             await stream.aclose()
 
     async def EncodeText(self, request: pb.EncodeTextRequest, grpc_context=None) -> pb.EncodeTextResponse:
-        return await self.servicer.EncodeText(request, grpc_context)
+        return await self.servicer.EncodeText(request, RayCall(grpc_context))
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
-        return await self.servicer.ListModels(request, grpc_context)
+        return await self.servicer.ListModels(request, RayCall(grpc_context))
 
     async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.ModelInfo:
-        return await self.servicer.GetModel(request, grpc_context)
+        return await self.servicer.GetModel(request, RayCall(grpc_context))
 
     async def GetServerStats(self, request: pb.ServerStatsRequest, grpc_context=None) -> pb.ServerStats:
-        return await self.servicer.GetServerStats(request, grpc_context)
+        return await self.servicer.GetServerStats(request, RayCall(grpc_context))
 
     async def ServerReflectionInfo(self, requests, grpc_context=None):
-        async for resp in self.servicer.ServerReflectionInfo(requests, grpc_context):
+        async for resp in self.servicer.ServerReflectionInfo(requests, RayCall(grpc_context)):
             yield resp
 
-    # --- gRPC: grpc.health.v1.Health ---------------------------------------------------------
+    # --- gRPC: grpc.health.v1.Health (progsae.server.health) -------------------------------------
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        if request.service not in ("", SERVICE_NAME):
-            await fail(grpc_context, ServiceError(Status.NOT_FOUND, f"unknown service {request.service!r}"))
-            return health_pb2.HealthCheckResponse()
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return await self.servicer.health.Check(request, RayCall(grpc_context))
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        async for resp in self.servicer.health.Watch(request, RayCall(grpc_context)):
+            yield resp
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

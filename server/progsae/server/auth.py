@@ -2,8 +2,8 @@
 
 Clients send the gRPC metadata (or HTTP header) ``authorization: Bearer <token>``; a missing or
 wrong token answers UNAUTHENTICATED (HTTP 401). The gRPC health service stays open so load
-balancers and Kubernetes probes need no token. The servicer checks every gRPC call (`check`, on
-the call's metadata, whichever transport carried it); the HTTP middleware checks the JSON API.
+balancers and Kubernetes probes need no token. The servicer checks every call (`check`, on the
+call's metadata or headers, whichever transport carried it), the HTTP API's routes included.
 """
 
 from __future__ import annotations
@@ -38,17 +38,8 @@ def authorized(header_value: str | None, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def header_of(metadata) -> str | None:
-    for key, value in metadata or ():
-        if key.lower() == HEADER:
-            return value
-    return None
-
-
-def check(grpc_context, token: str) -> None:
-    """Raise UNAUTHENTICATED unless the call's metadata carries the token (no-op when auth is off)."""
-    if not token:
-        return
-    md = grpc_context.invocation_metadata() if grpc_context is not None else ()
-    if not authorized(header_of(md), token):
+def check(header_value: str | None, token: str) -> None:
+    """Raise UNAUTHENTICATED unless the call's ``authorization`` value carries the token (no-op when auth
+    is off)."""
+    if not authorized(header_value, token):
         raise unauthenticated()

@@ -18,22 +18,25 @@ Errors answer {"code", "message"} with the matching HTTP status, like the rest o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
 
 from progsae.sae import checkpoint, feature_cards
 
+from .call import HttpCall
 from .errors import ServiceError, invalid, not_found
-from .registry import Registry
+from .registry import ModelRef, Registry
 
 if TYPE_CHECKING:
-    from .service import CodecService
+    from .servicer import ProgsaeServicer
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "api.js": "text/javascript",
@@ -53,11 +56,12 @@ class Dashboard:
         self._max = max_cards
         self._lock = threading.Lock()
 
-    def overview(self, limits: Any = None) -> dict[str, Any]:
+    def overview(self, resolve: Callable[[str], ModelRef], limits: Any = None) -> dict[str, Any]:
+        """Every servable checkpoint (ids resolved by `resolve`, the servicer's) with its curves."""
         out = []
         for name in self.registry.names():
             try:
-                spec = self.registry.resolve(name)
+                spec = resolve(name)
                 meta = checkpoint.load_meta(spec.path)
             except (ServiceError, checkpoint.CheckpointError):
                 continue
@@ -69,12 +73,11 @@ class Dashboard:
                                          "max_text_tokens": limits.max_text_tokens}
         return {"checkpoints": out, "default_model_id": self.registry.default_id, "limits": lim}
 
-    def feature(self, model_id: str, latent: Any) -> dict[str, Any]:
+    def feature(self, spec: ModelRef, latent: Any) -> dict[str, Any]:
         try:
             index = int(latent)
         except (TypeError, ValueError):
             raise invalid(f"latent must be an integer, got {latent!r}") from None
-        spec = self.registry.resolve(model_id)
         meta = checkpoint.load_meta(spec.path)
         if not 0 <= index < meta.d_sae:
             raise invalid(f"latent {index} out of range 0..{meta.d_sae - 1} for model {spec.id}")
@@ -87,14 +90,13 @@ class Dashboard:
                 "stale": bool(info.get("stale")), "tokens": info.get("tokens"), "top_n": info.get("top_n"),
                 "window": info.get("window"), "logit_lens": info.get("logit_lens", False)}
 
-    def labels(self, model_id: str, latents: str) -> dict[str, Any]:
+    def labels(self, spec: ModelRef, latents: str) -> dict[str, Any]:
         try:
             wanted = [int(v) for v in latents.split(",") if v.strip()]
         except ValueError:
             raise invalid(f"latents must be comma-separated integers, got {latents[:40]!r}") from None
         if len(wanted) > MAX_LABELS:
             raise invalid(f"at most {MAX_LABELS} latents per call, got {len(wanted)}")
-        spec = self.registry.resolve(model_id)
         meta = checkpoint.load_meta(spec.path)
         bad = [i for i in wanted if not 0 <= i < meta.d_sae]
         if bad:
@@ -153,40 +155,20 @@ def curves(path: Path) -> dict[str, list[dict[str, Any]]]:
 router = APIRouter()
 
 
-class _Replica(Protocol):
-    """What the dashboard routes use of the replica that serves them (an app.Codec)."""
+def _dashboard(request: Request) -> tuple[ProgsaeServicer, Dashboard]:
+    """The servicer this app hosts (http_api.host) and the dashboard data over its registry."""
+    from .http_api import servicer_of
 
-    registry: Registry
-    service: CodecService
-    _dashboard: Dashboard
-
-
-def _codec() -> _Replica:
-    from ray import serve
-
-    # Serve annotates servable_object as a plain callable; it is the ingress deployment's instance.
-    return cast(_Replica, serve.get_replica_context().servable_object)
-
-
-def _dashboard() -> Dashboard:
-    c = _codec()
-    d = getattr(c, "_dashboard", None)
-    if d is None:
-        d = c._dashboard = Dashboard(c.registry)
-    return d
-
-
-def _error(e: Exception) -> JSONResponse:
-    if not isinstance(e, ServiceError):
-        from .errors import internal
-
-        e = internal(e)
-    return JSONResponse({"code": e.status.value, "message": e.message}, status_code=e.status.http)
+    sv = servicer_of(request)
+    d = getattr(request.app.state, "dashboard", None)
+    if d is None or d.registry is not sv.registry:
+        d = request.app.state.dashboard = Dashboard(sv.registry)
+    return sv, d
 
 
 def _static(name: str) -> Response:
     if name not in STATIC_FILES or not (STATIC / name).is_file():
-        return _error(not_found(f"no static file {name!r}"))
+        raise not_found(f"no static file {name!r}")
     return FileResponse(STATIC / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
 
 
@@ -200,25 +182,36 @@ async def static(name: str) -> Response:
     return _static(name)
 
 
+# Each data route is one servicer call: auth, model resolution, metrics and status mapping are its.
+
 @router.get("/api/overview")
-async def overview() -> Any:
-    try:
-        return _dashboard().overview(_codec().service.limits)
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+async def overview(request: Request) -> Any:
+    sv, d = _dashboard(request)
+    call = HttpCall(request.headers)
+
+    async def body():
+        return await asyncio.to_thread(d.overview, lambda name: sv.resolve(name, call), sv.service.limits)
+
+    return await sv.unary("Overview", "", call, body, None)
 
 
 @router.get("/api/feature")
-async def feature(model_id: str = "", latent: str = "") -> Any:
-    try:
-        return _dashboard().feature(model_id, latent)
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+async def feature(request: Request, model_id: str = "", latent: str = "") -> Any:
+    sv, d = _dashboard(request)
+    call = HttpCall(request.headers)
+
+    async def body():
+        return await asyncio.to_thread(d.feature, sv.resolve(model_id, call), latent)
+
+    return await sv.unary("Feature", model_id, call, body, None)
 
 
 @router.get("/api/labels")
-async def labels(model_id: str = "", latents: str = "") -> Any:
-    try:
-        return _dashboard().labels(model_id, latents)
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+async def labels(request: Request, model_id: str = "", latents: str = "") -> Any:
+    sv, d = _dashboard(request)
+    call = HttpCall(request.headers)
+
+    async def body():
+        return await asyncio.to_thread(d.labels, sv.resolve(model_id, call), latents)
+
+    return await sv.unary("Labels", model_id, call, body, None)

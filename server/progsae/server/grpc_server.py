@@ -14,14 +14,16 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from progsae.v1 import progsae_pb2 as pb
 
+from . import health
+from .call import GrpcCall
+from .health import SERVICE_NAME
 from .registry import Registry, RegistryConfig
 from .service import CodecService, ServiceConfig
-from .servicer import SERVICE_NAME, ProgsaeServicer
+from .servicer import ProgsaeServicer
 from .text import available as text_available
 from .validate import Limits
 
@@ -74,8 +76,12 @@ def progsae_handler(servicer: ProgsaeServicer) -> grpc.GenericRpcHandler:
             async def stream(request, context, fn=fn, detail=detail):
                 if isinstance(request, _Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
-                async for msg in fn(request, context):
-                    yield msg
+                msgs = fn(request, GrpcCall(context))
+                try:
+                    async for msg in msgs:
+                        yield msg
+                finally:
+                    await msgs.aclose()
 
             handlers[m.name] = grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=_safe(req_cls.FromString), response_serializer=_serialize)
@@ -83,7 +89,7 @@ def progsae_handler(servicer: ProgsaeServicer) -> grpc.GenericRpcHandler:
             async def unary(request, context, fn=fn, detail=detail):
                 if isinstance(request, _Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
-                return await fn(request, context)
+                return await fn(request, GrpcCall(context))
 
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=_safe(req_cls.FromString), response_serializer=_serialize)
@@ -95,7 +101,7 @@ class _Reflection(reflection_pb2_grpc.ServerReflectionServicer):
         self.servicer = servicer
 
     async def ServerReflectionInfo(self, request_iterator, context):
-        async for resp in self.servicer.ServerReflectionInfo(request_iterator, context):
+        async for resp in self.servicer.ServerReflectionInfo(request_iterator, GrpcCall(context)):
             yield resp
 
 
@@ -105,15 +111,13 @@ def message_options(limits: Limits) -> list[tuple[str, Any]]:
             ("grpc.max_send_message_length", limits.max_response_bytes + (1 << 20))]
 
 
-# typeshed's grpc_health stub lacks the `health.aio` module grpcio-health-checking has (two ignores below)
 async def start_aio_server(servicer: ProgsaeServicer, config: GrpcServerConfig, limits: Limits
-                           ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:  # pyright: ignore[reportAttributeAccessIssue]
-    """Build, bind and start a grpc.aio server for `servicer` on the running loop: (server, health, port)."""
+                           ) -> tuple[grpc.aio.Server, int]:
+    """Build, bind and start a grpc.aio server for `servicer` on the running loop: (server, port)."""
     options = [*message_options(limits), ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((progsae_handler(servicer),))
-    hs = health.aio.HealthServicer()  # pyright: ignore[reportAttributeAccessIssue]
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    health.add_to_server(servicer.health, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(servicer), server)
     if config.tls_cert_file or config.tls_key_file:
         with open(config.tls_key_file, "rb") as f:
@@ -124,9 +128,7 @@ async def start_aio_server(servicer: ProgsaeServicer, config: GrpcServerConfig, 
     else:
         port = server.add_insecure_port(config.address)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, hs, port
+    return server, port
 
 
 class PlainServer:
@@ -142,7 +144,7 @@ class PlainServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
         self._thread.start()
-        self._server, self._health, self.port = self._call(
+        self._server, self.port = self._call(
             start_aio_server(self.servicer, self.config, self.service_config.limits))
         host = self.config.address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
@@ -158,7 +160,7 @@ class PlainServer:
             return
 
         async def down():
-            await self._health.enter_graceful_shutdown()
+            self.servicer.health.enter_graceful_shutdown()
             await self._server.stop(grace)
 
         self._call(down())

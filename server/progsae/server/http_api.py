@@ -16,54 +16,77 @@
                                         every token's final G and whether it met the target
     GET  /api/stats                  this replica's counters
 Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching HTTP status.
+
+Every /api route is one servicer call (progsae.server.servicer) over an HttpCall: auth, model
+resolution, metrics and status mapping happen there; this module only turns JSON into requests
+and responses (and a stream's events) into JSON. The host hands its servicer over with `host`.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 
-from progsae.sae import budgets
-from progsae.sae.codec import Codes
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
-from . import auth
-from .errors import ServiceError, internal, invalid, unauthenticated
-
-if TYPE_CHECKING:
-    from .service import CodecService
-    from .servicer import ProgsaeServicer
+from . import stream
+from .call import HttpCall
+from .errors import ServiceError, internal, invalid
+from .servicer import ProgsaeServicer
+from .text import TextActivations
 
 api = FastAPI(title="progsae", description="Progressive SAE codec: HTTP/JSON API")
 
 
-class _Replica(Protocol):
-    """What the routes use of the replica that serves them (an app.Codec)."""
-
-    servicer: ProgsaeServicer
-    service: CodecService
-
-    def loaded(self) -> list[str]: ...
+_hosted: list[ProgsaeServicer] = []
+"""The servicer of this process's Serve replica: Serve serves a frozen copy of `api`, whose state
+`host` cannot reach, so the replica's servicer is also kept here."""
 
 
-def _codec() -> _Replica:
-    from ray import serve
+def host(servicer: ProgsaeServicer, app: FastAPI = api) -> FastAPI:
+    """Serve `servicer` on `app` (a Codec replica does this for Serve's copy of `api`; so can any ASGI
+    server, or a test)."""
+    app.state.servicer = servicer
+    _hosted[:] = [servicer]
+    return app
 
-    # Serve annotates servable_object as a plain callable; it is the ingress deployment's instance.
-    return cast(_Replica, serve.get_replica_context().servable_object)
+
+def servicer_of(request: Request) -> ProgsaeServicer:
+    sv = getattr(request.app.state, "servicer", None)
+    return sv if sv is not None else _hosted[0]
 
 
-def _error(e: Exception) -> JSONResponse:
-    err = e if isinstance(e, ServiceError) else internal(e)
-    return JSONResponse({"code": err.status.value, "message": err.message}, status_code=err.status.http)
+def error_response(e: ServiceError) -> JSONResponse:
+    """The one place an HTTP call's ServiceError becomes its answer: {code, message}, the matching status."""
+    return JSONResponse({"code": e.status.value, "message": e.message}, status_code=e.status.http)
+
+
+@api.exception_handler(ServiceError)
+async def _service_error(_request: Request, e: ServiceError) -> JSONResponse:
+    return error_response(e)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_request: Request, e: Exception) -> JSONResponse:
+    return error_response(internal(e))  # one line to the client, the traceback to the server log
+
+
+@api.middleware("http")
+async def _authorize(request: Request, call_next):
+    """Every /api route needs the servicer's token (its `authorize`), checked before the body is read."""
+    if request.url.path.startswith("/api"):
+        try:
+            servicer_of(request).authorize(HttpCall(request.headers))
+        except ServiceError as e:
+            return error_response(e)
+    return await call_next(request)
 
 
 def _info(m: pb.ModelInfo) -> dict[str, Any]:
@@ -113,38 +136,27 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-@api.middleware("http")
-async def _require_token(request: Request, call_next):
-    """With auth on, every /api route needs `Authorization: Bearer <token>` (401 otherwise)."""
-    if request.url.path.startswith("/api"):
-        token = getattr(_codec(), "_token", "")
-        if not auth.authorized(request.headers.get(auth.HEADER), token):
-            return _error(unauthenticated("missing or wrong bearer token (header 'Authorization: Bearer <token>')"))
-    return await call_next(request)
+def _int(v: Any, field: str) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise invalid(f"{field} must be an integer, got {str(v)[:40]!r}") from None
 
 
 @api.get("/api/models")
-async def models() -> Any:
-    try:
-        resp = _codec().servicer.list_models()
-        return {"default_model_id": resp.default_model_id, "models": [_info(m) for m in resp.models]}
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+async def models(request: Request) -> Any:
+    resp = await servicer_of(request).ListModels(pb.ListModelsRequest(), HttpCall(request.headers))
+    return {"default_model_id": resp.default_model_id, "models": [_info(m) for m in resp.models]}
 
 
 @api.get("/api/models/{model_id:path}")
-async def model(model_id: str) -> Any:
-    try:
-        sv = _codec().servicer
-        return _info(sv.get_model(sv.registry.resolve(model_id)))
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+async def model(request: Request, model_id: str) -> Any:
+    return _info(await servicer_of(request).GetModel(pb.GetModelRequest(model_id=model_id), HttpCall(request.headers)))
 
 
 @api.get("/api/stats")
-async def stats() -> Any:
-    c = _codec()
-    st = c.service.server_stats(c.loaded())
+async def stats(request: Request) -> Any:
+    st = await servicer_of(request).GetServerStats(pb.ServerStatsRequest(), HttpCall(request.headers))
     out = json_format.MessageToDict(st, preserving_proto_field_name=True)
     for key in ("streams_started", "streams_completed", "streams_cancelled", "rungs_computed"):
         out[key] = getattr(st, key)
@@ -154,128 +166,51 @@ async def stats() -> Any:
 
 @api.post("/api/encode")
 async def encode(request: Request) -> Any:
-    c = _codec()
-    try:
-        body = await _body(request)
-        req = pb.EncodeRequest(model_id=str(body.get("model_id", "")),
-                               activations=_tensor(body.get("activations"), "activations"))
-        if body.get("prefix_granularity"):
-            req.mode, req.granularity = pb.ENCODE_MODE_PREFIX, int(body["prefix_granularity"])
-        resp = await c.servicer.Encode(req)
-        return {"model_id": resp.model_id, "granularity": resp.granularity,
-                "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+    b = await _body(request)
+    req = pb.EncodeRequest(model_id=str(b.get("model_id", "")), activations=_tensor(b.get("activations"),
+                                                                                    "activations"))
+    if b.get("prefix_granularity"):
+        req.mode, req.granularity = pb.ENCODE_MODE_PREFIX, _int(b["prefix_granularity"], "prefix_granularity")
+    resp = await servicer_of(request).Encode(req, HttpCall(request.headers))
+    return {"model_id": resp.model_id, "granularity": resp.granularity,
+            "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
 
 
 @api.post("/api/decode")
 async def decode(request: Request) -> Any:
-    c = _codec()
-    try:
-        body = await _body(request)
-        req = pb.DecodeRequest(model_id=str(body.get("model_id", "")), codes=_codes_msg(body.get("codes")),
-                               granularity=int(body.get("granularity", 0)))
-        resp = await c.servicer.DecodeAtGranularity(req)
-        return {"model_id": resp.model_id, "granularity": resp.granularity, "l0": list(resp.l0),
-                "reconstruction": convert.to_numpy(resp.reconstruction).tolist()}
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+    b = await _body(request)
+    req = pb.DecodeRequest(model_id=str(b.get("model_id", "")), codes=_codes_msg(b.get("codes")),
+                           granularity=_int(b.get("granularity", 0), "granularity"))
+    resp = await servicer_of(request).DecodeAtGranularity(req, HttpCall(request.headers))
+    return {"model_id": resp.model_id, "granularity": resp.granularity, "l0": list(resp.l0),
+            "reconstruction": convert.to_numpy(resp.reconstruction).tolist()}
 
 
 @api.post("/api/encode_text")
 async def encode_text(request: Request) -> Any:
-    c = _codec()
-    try:
-        body = await _body(request)
-        mid = str(body.get("model_id", ""))
-        resp = await c.servicer.EncodeText(pb.EncodeTextRequest(model_id=mid, text=str(body.get("text", "")),
-                                                                max_tokens=int(body.get("max_tokens", 0))))
-        out = {"model_id": resp.model_id, "language_model": resp.language_model, "layer": resp.layer,
-               "token_ids": list(resp.token_ids), "tokens": list(resp.tokens),
-               "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
-        if body.get("include_activations"):
-            out["activations"] = convert.to_numpy(resp.activations).tolist()
-        return out
-    except Exception as e:  # noqa: BLE001
-        return _error(e)
+    b = await _body(request)
+    req = pb.EncodeTextRequest(model_id=str(b.get("model_id", "")), text=str(b.get("text", "")),
+                               max_tokens=_int(b.get("max_tokens", 0), "max_tokens"))
+    resp = await servicer_of(request).EncodeText(req, HttpCall(request.headers))
+    out = {"model_id": resp.model_id, "language_model": resp.language_model, "layer": resp.layer,
+           "token_ids": list(resp.token_ids), "tokens": list(resp.tokens),
+           "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
+    if b.get("include_activations"):
+        out["activations"] = convert.to_numpy(resp.activations).tolist()
+    return out
+
+
+# --- streams: server-sent events --------------------------------------------------------------
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream_events(c, body: dict[str, Any]):
-    """SSE events of one stream; errors become an `error` event (the HTTP status is already 200).
-
-    A deadline counts from the request, so it includes running the language model on `text`: the
-    stream gets what is left, and when nothing is, it ends at once (no rung, reason deadline), as
-    StreamDecode does when its deadline passes before the first rung."""
-    t0 = time.perf_counter()
-    stream = None
-    try:
-        sv = c.servicer
-        mid = str(body.get("model_id", ""))
-        req = pb.StreamDecodeRequest(model_id=mid, payload=pb.PAYLOAD_NONE, per_token_l0=True)
-        _budget(req, body)
-        tokens = None
-        if body.get("text"):
-            t = await sv.EncodeText(pb.EncodeTextRequest(model_id=mid, text=str(body["text"]),
-                                                         max_tokens=int(body.get("max_tokens", 0))))
-            req.activations.CopyFrom(t.activations)
-            tokens = list(t.tokens)
-        elif body.get("activations") is not None:
-            req.activations.CopyFrom(_tensor(body["activations"], "activations"))
-        else:
-            raise invalid("stream needs `text` or `activations`")
-        if req.budget.HasField("deadline_ms") and req.budget.deadline_ms > 0:
-            left = req.budget.deadline_ms - 1e3 * (time.perf_counter() - t0)
-            if left < 1:
-                n = req.activations.shape[0] if req.activations.shape else 0
-                yield _sse("header", {"model_id": mid, "ladder": [], "tokens": tokens, "n_tokens": n,
-                                      "axis": "k" if req.axis == pb.STREAM_AXIS_K else "g", "k_ladder": []})
-                yield _sse("end", {"stop_reason": "deadline", "rungs": 0, "final_g": 0, "final_k": None,
-                                   "elapsed_ms": 1e3 * (time.perf_counter() - t0), "final_fvu": None,
-                                   "token_final_g": [], "token_final_k": [], "token_met": []})
-                return
-            req.budget.deadline_ms = int(left)
-        top = int(body.get("top", 8))
-        stream = sv.StreamDecode(req)
-        codes, seen, n_tokens = None, None, 0
-        async for msg in stream:
-            if msg.HasField("header"):
-                h = msg.header
-                n_tokens = h.tokens
-                codes = _padded(convert.codes_to_arrays(h.codes))
-                seen = torch.zeros_like(codes.indices, dtype=torch.bool)
-                yield _sse("header", {"model_id": h.model_id, "ladder": list(h.ladder), "tokens": tokens,
-                                      "n_tokens": h.tokens, "axis": "k" if h.axis == pb.STREAM_AXIS_K else "g",
-                                      "k_ladder": list(h.k_ladder)})
-            if msg.HasField("rung"):
-                r = msg.rung
-                rows = list(r.tokens) or list(range(n_tokens))
-                yield _sse("rung", {"index": r.index, "g": r.g, "k": r.k or None, "mean_l0": r.mean_l0,
-                                    "l0": list(r.l0), "tokens": list(r.tokens),
-                                    "refining": r.refining if r.HasField("refining") else None,
-                                    "fvu": r.fvu if r.HasField("fvu") else None, "elapsed_ms": r.elapsed_ms,
-                                    "features": _band(codes, seen, rows, r.g, r.k or None, top)})
-            if msg.HasField("end"):
-                e = msg.end
-                yield _sse("end", {"stop_reason": convert.STOP_REASONS[e.stop_reason],
-                                   "rungs": e.rungs, "final_g": e.final_g, "final_k": e.final_k or None,
-                                   "elapsed_ms": e.elapsed_ms,
-                                   "final_fvu": e.final_fvu if e.HasField("final_fvu") else None,
-                                   "token_final_g": list(e.token_final_g), "token_final_k": list(e.token_final_k),
-                                   "token_met": list(e.token_met)})
-    except Exception as e:  # noqa: BLE001
-        err = e if isinstance(e, ServiceError) else internal(e)
-        yield _sse("error", {"code": err.status.value, "message": err.message})
-    finally:
-        if stream is not None:
-            await stream.aclose()
-
-
-def _budget(req: pb.StreamDecodeRequest, body: dict[str, Any]) -> None:
-    """The JSON body's budget, ladders and axis into `req` (the servicer validates the values)."""
+def _stream_request(body: dict[str, Any]) -> pb.StreamDecodeRequest:
+    """The JSON body's model, budget, ladders and axis as a StreamDecodeRequest (the servicer
+    validates the values); its input is set by the caller."""
+    req = pb.StreamDecodeRequest(model_id=str(body.get("model_id", "")), payload=pb.PAYLOAD_NONE, per_token_l0=True)
     budget = body.get("budget") or {}
     if not isinstance(budget, dict):
         raise invalid("budget must be a JSON object")
@@ -294,29 +229,56 @@ def _budget(req: pb.StreamDecodeRequest, body: dict[str, Any]) -> None:
     if axis not in ("g", "k"):
         raise invalid(f"axis must be 'g' (climb G) or 'k' (climb k'), got {axis!r}")
     req.axis = pb.STREAM_AXIS_K if axis == "k" else pb.STREAM_AXIS_G
+    return req
 
 
-def _padded(s: convert.SparseArrays) -> Codes:
-    idx, val = s.padded()
-    return Codes(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(val.astype(np.float32)))
+async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    """SSE events of one stream (one servicer call); errors become an `error` event (the HTTP status
+    is already 200)."""
+    items = None
+    try:
+        req = _stream_request(body)
+        text = str(body["text"]) if body.get("text") else None
+        if text is None:
+            if body.get("activations") is None:
+                raise invalid("stream needs `text` or `activations`")
+            req.activations.CopyFrom(_tensor(body["activations"], "activations"))
+        top, max_tokens = _int(body.get("top", 8), "top"), _int(body.get("max_tokens", 0), "max_tokens")
+        items = sv.StreamEvents(req, c, top=top, text=text, max_tokens=max_tokens)
+        tokens = None
+        async for item in items:
+            if isinstance(item, TextActivations):
+                tokens = list(item.tokens)
+            elif isinstance(item, stream.Header):
+                yield _sse("header", {"model_id": item.model_id, "ladder": list(item.ladder), "tokens": tokens,
+                                      "n_tokens": item.tokens, "axis": "k" if item.k_ladder else "g",
+                                      "k_ladder": list(item.k_ladder)})
+            else:
+                if isinstance(item, stream.RungEvent):
+                    yield _sse("rung", _rung_json(item))
+                end = item.end if isinstance(item, stream.RungEvent) else item
+                if end is not None:
+                    yield _sse("end", _end_json(end))
+    except Exception as e:  # noqa: BLE001  (an error event, never a traceback)
+        err = e if isinstance(e, ServiceError) else internal(e)
+        yield _sse("error", {"code": err.status.value, "message": err.message})
+    finally:
+        if items is not None:
+            await items.aclose()
 
 
-def _band(codes: Codes | None, seen: torch.Tensor | None, rows: list[int], g: int, k: int | None,
-          top: int) -> list[list[list[float]]]:
-    """Per token, the latents decoded at (g, k') that no earlier rung decoded: [[index, value], ...]
-    by value, at most `top`; empty for a token this rung did not compute (it stopped refining).
-    `seen` ([N, w] bool) is updated in place."""
-    if codes is None or seen is None:
-        return []
-    out: list[list[list[float]]] = [[] for _ in range(codes.indices.shape[0])]
-    sel = budgets.select(Codes(codes.indices[rows], codes.values[rows]), g, k)
-    for j, n in enumerate(rows):
-        fresh = sel[j] & ~seen[n]
-        seen[n] |= sel[j]
-        idx, val = codes.indices[n][fresh], codes.values[n][fresh]
-        order = torch.argsort(-val, stable=True)[:top]
-        out[n] = [[int(i), round(float(v), 5)] for i, v in zip(idx[order].tolist(), val[order].tolist(), strict=True)]
-    return out
+def _rung_json(r: stream.RungEvent) -> dict[str, Any]:
+    features = [[[i, v] for i, v in latents] for latents in r.fresh or ()]
+    return {"index": r.index, "g": r.g, "k": r.k, "mean_l0": r.mean_l0, "l0": r.l0.tolist(),
+            "tokens": r.tokens.tolist() if r.listed else [], "refining": r.refining if r.listed else None,
+            "fvu": r.fvu, "elapsed_ms": r.elapsed_ms, "features": features}
+
+
+def _end_json(e: stream.EndEvent) -> dict[str, Any]:
+    return {"stop_reason": convert.STOP_REASONS[e.reason], "rungs": e.rungs, "final_g": e.final_g,
+            "final_k": e.final_k, "elapsed_ms": e.elapsed_ms, "final_fvu": e.final_fvu,
+            "token_final_g": e.token_final_g or [], "token_final_k": e.token_final_k or [],
+            "token_met": e.token_met or []}
 
 
 @api.get("/api/stream")
@@ -326,16 +288,15 @@ async def stream_get(request: Request) -> StreamingResponse:
               if q.get(k)}
     body = {"model_id": q.get("model_id", ""), "text": q.get("text", ""), "budget": budget,
             "top": q.get("top", 8), "max_tokens": q.get("max_tokens", 0)}
-    return StreamingResponse(_stream_events(_codec(), body), media_type="text/event-stream")
+    return StreamingResponse(_stream_events(servicer_of(request), HttpCall(request.headers), body),
+                             media_type="text/event-stream")
 
 
 @api.post("/api/stream")
 async def stream_post(request: Request) -> Any:
-    try:
-        body = await _body(request)
-    except ServiceError as e:
-        return _error(e)
-    return StreamingResponse(_stream_events(_codec(), body), media_type="text/event-stream")
+    body = await _body(request)
+    return StreamingResponse(_stream_events(servicer_of(request), HttpCall(request.headers), body),
+                             media_type="text/event-stream")
 
 
 from .dashboard import router as dashboard_router  # noqa: E402  (the page at / and its routes)

@@ -32,7 +32,7 @@ PREFERRED_ORDERING = "mean_sq"
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelRef:
     """A resolved, validated model id."""
 
     name: str
@@ -52,7 +52,7 @@ class ModelSpec:
 class ModelCard:
     """What a model is, without its weights (ListModels / GetModel)."""
 
-    spec: ModelSpec
+    spec: ModelRef
     meta: checkpoint.CheckpointMeta
     orderings: tuple[str, ...]
     """Orderings stored in the checkpoint."""
@@ -81,7 +81,7 @@ class ServedModel:
         return self.card.spec.id
 
     @property
-    def spec(self) -> ModelSpec:
+    def spec(self) -> ModelRef:
         return self.card.spec
 
     @property
@@ -133,7 +133,7 @@ class Registry:
         self._orderings: dict[str, tuple[str, ...]] = {}
         self._cards: dict[str, ModelCard] = {}
         self._cache: OrderedDict[str, ServedModel] = OrderedDict()
-        self._resolved: dict[str, ModelSpec] = {}
+        self._resolved: dict[str, ModelRef] = {}
         self._lock = threading.Lock()
         self.device = resolve_device(config.device)
         names = self.names()
@@ -150,7 +150,7 @@ class Registry:
         found = sorted(p.parent.relative_to(self.root).as_posix() for p in self.root.rglob(checkpoint.CFG))
         return [n for n in found if n != "." and not any(part.startswith(".") for part in n.split("/"))]
 
-    def resolve(self, model_id: str) -> ModelSpec:
+    def resolve(self, model_id: str) -> ModelRef:
         """Validate an id (INVALID_ARGUMENT) and find its checkpoint (NOT_FOUND). Found ids are cached per
         id string (no realpath or stat per call); a checkpoint removed since then fails on load (NOT_FOUND)."""
         hit = self._resolved.get(model_id)
@@ -162,7 +162,7 @@ class Registry:
         self._resolved[model_id] = spec
         return spec
 
-    def _resolve(self, model_id: str) -> ModelSpec:
+    def _resolve(self, model_id: str) -> ModelRef:
         model_id = model_id or self.default_id
         if len(model_id) > MAX_ID_CHARS:
             raise invalid(f"model id longer than {MAX_ID_CHARS} characters")
@@ -182,7 +182,7 @@ class Registry:
             ordering = PREFERRED_ORDERING if PREFERRED_ORDERING in stored else "none"
         elif ordering != "none" and ordering not in stored:
             raise not_found(f"model {name!r} has no ordering {ordering!r} (stored: {', '.join(stored) or 'none'})")
-        return ModelSpec(name, ordering, path)
+        return ModelRef(name, ordering, path)
 
     def orderings_of(self, name: str, path: Path) -> tuple[str, ...]:
         if name not in self._orderings:
@@ -197,7 +197,7 @@ class Registry:
             self._orderings[name] = stored
         return self._orderings[name]
 
-    def variants(self) -> list[ModelSpec]:
+    def variants(self) -> list[ModelRef]:
         """Every servable (checkpoint, ordering), default ordering first per checkpoint."""
         out = []
         for name in self.names():
@@ -208,12 +208,12 @@ class Registry:
             out.append(default)
             for o in ("none", *self._orderings.get(name, ())):
                 if o != default.ordering:
-                    out.append(ModelSpec(name, o, default.path))
+                    out.append(ModelRef(name, o, default.path))
         return out
 
     # --- loading --------------------------------------------------------------------------
 
-    def load(self, spec: ModelSpec) -> ServedModel:
+    def load(self, spec: ModelRef) -> ServedModel:
         """Load a checkpoint (no cache)."""
         try:
             ck = checkpoint.load(spec.path, ordering=spec.ordering)
@@ -223,7 +223,7 @@ class Registry:
         self._cards[spec.id] = card
         return ServedModel(card, ck.sae.to(device=self.device, dtype=torch.float32))
 
-    def card(self, spec: ModelSpec) -> ModelCard:
+    def card(self, spec: ModelRef) -> ModelCard:
         """Metadata of a model without loading its weights (cached)."""
         if spec.id not in self._cards:
             try:
@@ -235,21 +235,21 @@ class Registry:
             self._cards[spec.id] = ModelCard(spec, meta, self.orderings_of(spec.name, spec.path), _summary(metrics))
         return self._cards[spec.id]
 
-    def get(self, model_id: str) -> ServedModel:
-        """Resolve and load through the LRU cache (thread-safe)."""
-        spec = self.resolve(model_id)
+    def get(self, model: ModelRef | str) -> ServedModel:
+        """Load through the LRU cache (thread-safe); an id is resolved first."""
+        spec = self.resolve(model) if isinstance(model, str) else model
         with self._lock:
             hit = self._cache.get(spec.id)
             if hit is not None:
                 self._cache.move_to_end(spec.id)
                 return hit
-        model = self.load(spec)
+        served = self.load(spec)
         with self._lock:
-            self._cache[spec.id] = model
+            self._cache[spec.id] = served
             self._cache.move_to_end(spec.id)
             while len(self._cache) > max(1, self.config.cache_size):
                 self._cache.popitem(last=False)
-        return model
+        return served
 
     def loaded(self) -> list[str]:
         with self._lock:

@@ -1,8 +1,8 @@
-"""The transport-free service: validated requests in, wire responses out.
+"""The transport-free service: validated requests in, wire responses (or a stream's typed events) out.
 
-Both transports (the Ray Serve deployment and the plain grpcio server) and the HTTP
-endpoints call these methods; they only resolve the model, map `ServiceError` to their
-status, and pass a cancellation check into `stream`.
+The servicer (progsae.server.servicer) calls these methods for every transport, after it has
+authorised the call and resolved its model; errors are ServiceErrors, which the servicer answers
+with the call's own status. Streams are progsae.server.stream's one rung loop.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from progsae.sae import budgets, metrics
+from progsae.sae import budgets
+from progsae.sae.codec import Codes
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
-from . import budget_stream, validate
+from . import stream, validate
 from .errors import ServiceError, Status, internal, invalid
 from .registry import ModelCard, ServedModel
 from .stats import Stats
+from .text import TextActivations
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class CodecService:
             groups.setdefault((model.id, req.mode, g), []).append((i, x))
         self.stats.batch(len(items))
         for (mid, mode, g), members in groups.items():
+            self.stats.count("encode")
             model = models[mid]
             x = torch.cat([x for _, x in members]) if len(members) > 1 else members[0][1]
             x = x.to(model.device)
@@ -157,88 +160,39 @@ class CodecService:
         req: pb.StreamDecodeRequest,
         cancelled: Callable[[], bool] | None = None,
         t0: float | None = None,
-    ) -> Generator[pb.StreamDecodeResponse, None, None]:
-        """One message per rung (header on the first, end on the last). Validation errors raise
-        before the first message.
+    ) -> Generator[pb.StreamDecodeResponse, None, str | None]:
+        """StreamDecode's messages: one per rung (header on the first, end on the last). Validation
+        errors raise before the first message.
 
         `cancelled` is polled before every rung; when it answers True (or the consumer
         closes the generator) computing stops at once and the stream counts as cancelled.
         """
         t0 = time.perf_counter() if t0 is None else t0
         plan = validate.stream_plan(req, model, self.limits)
-        return self._stream(model, plan, cancelled or (lambda: False), t0)
+        return stream.messages(self.events(model, plan, cancelled or (lambda: False), t0), plan)
 
-    def _stream(self, model: ServedModel, plan: validate.StreamPlan, cancelled: Callable[[], bool],
-                t0: float) -> Generator[pb.StreamDecodeResponse, None, None]:
+    def events(self, model: ServedModel, plan: validate.StreamPlan, cancelled: Callable[[], bool], t0: float,
+               top: int = 0) -> Generator[stream.Event, None, str | None]:
+        """A validated stream's typed events (progsae.server.stream): it encodes the activations once,
+        then climbs; counted in the stats whichever transport consumes it."""
         self.stats.stream_started()
-        reason_name: str | None = None
+        reason: str | None = None
         try:
-            header = pb.StreamHeader(model_id=model.id, ladder=plan.ladder, payload=plan.payload)
-            if plan.k_ladder:
-                header.axis = pb.STREAM_AXIS_K
-                header.k_ladder.extend(plan.k_ladder)
             if plan.x is not None:
-                with torch.inference_mode():
-                    codes = model.sae.encode(plan.x.to(model.device))
-                header.codes.CopyFrom(convert.codes_from_arrays(_np(codes.indices), _np(codes.values),
-                                                                packed=plan.packed_codes))
+                codes = self._encode(model, plan.x)
             else:
+                assert plan.codes is not None  # the plan holds one input
                 codes = _to(plan.codes, model.device)
-            assert codes is not None
-            header.tokens = codes.indices.shape[0]
-            out = pb.StreamDecodeResponse(header=header)  # the header rides on the first message
-            if plan.steps is not None:  # a revision-3 budget (per-token target, k'); else revision 2's path
-                reason_name = yield from budget_stream.messages(model, plan, codes, out, cancelled, t0,
-                                                                lambda: self.stats.rung(model.id))
-                return
-            reason, sent, last_g, last_fvu = None, 0, 0, None
-            rungs = model.sae.progressive(codes, plan.ladder)
-            last = len(plan.ladder) - 1
-            for i in range(len(plan.ladder)):
-                if cancelled():
-                    return
-                if plan.deadline_s is not None and time.perf_counter() - t0 >= plan.deadline_s:
-                    reason = pb.STOP_REASON_DEADLINE
-                    break
-                rung = next(rungs)
-                self.stats.rung(model.id)
-                out.rung.CopyFrom(self._rung_message(i, rung, plan, t0))
-                sent, last_g = i + 1, rung.g
-                last_fvu = out.rung.fvu if out.rung.HasField("fvu") else None
-                if plan.target_fvu is not None and last_fvu is not None and last_fvu <= plan.target_fvu:
-                    reason = pb.STOP_REASON_TARGET_FVU
-                elif i == last:
-                    reason = pb.STOP_REASON_MAX_GRANULARITY if plan.cut else pb.STOP_REASON_LADDER_DONE
-                if reason is not None:
-                    break
-                yield out
-                out = pb.StreamDecodeResponse()
-            assert reason is not None  # the last rung sets one
-            end = pb.StreamEnd(stop_reason=reason, rungs=sent, final_g=last_g,
-                               elapsed_ms=1e3 * (time.perf_counter() - t0))
-            if last_fvu is not None:
-                end.final_fvu = last_fvu
-            out.end.CopyFrom(end)  # the end rides on the last rung's message
-            reason_name = convert.STOP_REASONS[reason]
-            yield out
+            reason = yield from stream.events(model.sae, model.id, plan, codes, plan.x is not None, cancelled, t0,
+                                              lambda: self.stats.rung(model.id), top)
+            return reason
         finally:
-            self.stats.stream_ended(reason_name)
+            self.stats.stream_ended(reason)
 
-    def _rung_message(self, i: int, rung, plan: validate.StreamPlan, t0: float) -> pb.Rung:
-        msg = pb.Rung(index=i, g=rung.g, mean_l0=float(rung.l0.double().mean()))
-        if plan.per_token_l0:
-            msg.l0.extend(rung.l0.tolist())
-        if plan.payload == pb.PAYLOAD_RECONSTRUCTION:
-            msg.tensor.CopyFrom(convert.from_numpy(_np(rung.recon), plan.out_dtype))
-        elif plan.payload == pb.PAYLOAD_DELTA:
-            delta = rung.recon if i == 0 else rung.delta  # the first delta carries b_dec
-            msg.tensor.CopyFrom(convert.from_numpy(_np(delta), plan.out_dtype))
-        if plan.x is not None:
-            f = metrics.fvu(plan.x, rung.recon.cpu())
-            if np.isfinite(f):
-                msg.fvu = f
-        msg.elapsed_ms = 1e3 * (time.perf_counter() - t0)
-        return msg
+    def _encode(self, model: ServedModel, x: torch.Tensor) -> Codes:
+        self.stats.count("encode")
+        with torch.inference_mode():
+            return model.sae.encode(x.to(model.device))
 
     # --- metadata -------------------------------------------------------------------------
 
@@ -263,22 +217,25 @@ class CodecService:
             requests=dict(s.requests), loaded_models=list(loaded),
         )
 
-    def encode_text_response(self, model: ServedModel, token_ids: Sequence[int], tokens: Sequence[str],
-                             acts: np.ndarray, lm_name: str, layer: int,
-                             packed: bool = False) -> pb.EncodeTextResponse:
-        x = torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32))
+    def text_activations(self, model: ServedModel, ta: TextActivations) -> torch.Tensor:
+        """The language model's activations for `model`: [N, d_in] float32 (FAILED_PRECONDITION when the
+        checkpoint's LM and layer give another width)."""
+        x = torch.from_numpy(np.ascontiguousarray(ta.activations, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != model.d_in:
             raise ServiceError(Status.FAILED_PRECONDITION,
-                               f"language model {lm_name!r} layer {layer} gives width {tuple(x.shape)[1:]}, "
-                               f"model {model.id} expects d_in={model.d_in}")
-        with torch.inference_mode():
-            codes = model.sae.encode(x.to(model.device))
-        return pb.EncodeTextResponse(
-            model_id=model.id, token_ids=list(token_ids), tokens=list(tokens),
-            codes=convert.codes_from_arrays(_np(codes.indices), _np(codes.values), packed=packed),
-            activations=convert.from_numpy(x.numpy()), language_model=lm_name, layer=layer,
-        )
+                               f"language model {ta.language_model!r} layer {ta.layer} gives width "
+                               f"{tuple(x.shape)[1:]}, model {model.id} expects d_in={model.d_in}")
+        return x
 
+    def encode_text_response(self, model: ServedModel, ta: TextActivations, packed: bool = False
+                             ) -> pb.EncodeTextResponse:
+        x = self.text_activations(model, ta)
+        codes = self._encode(model, x)
+        return pb.EncodeTextResponse(
+            model_id=model.id, token_ids=list(ta.token_ids), tokens=list(ta.tokens),
+            codes=convert.codes_from_arrays(_np(codes.indices), _np(codes.values), packed=packed),
+            activations=convert.from_numpy(x.numpy()), language_model=ta.language_model, layer=ta.layer,
+        )
 
 def _np(t: torch.Tensor) -> np.ndarray:
     """A (possibly CUDA) tensor as a CPU numpy array."""

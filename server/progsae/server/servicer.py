@@ -1,18 +1,15 @@
 """The one implementation of the wire contract progsae.v1.Progsae, hosted by every transport.
 
-    client -> transport (grpc.aio server | Ray Serve gRPC) -> ProgsaeServicer -> CodecService -> codec
+    client -> host (grpc.aio server | Ray Serve gRPC | HTTP API) -> ProgsaeServicer -> CodecService -> codec
 
-Per call, exactly once and only here: auth, model-id resolution (field and the
-`multiplexed_model_id` metadata reconciled; ids cached by the registry), the call's deadline
-(gRPC's own, or the `progsae-timeout-ms` metadata Ray forwards instead), status mapping and
-metrics. Torch work (validation of large tensors, encode, every rung, checkpoint loading)
-runs on a thread pool, never on the event loop, so health checks, GetModel and other
-streams keep flowing while a large request computes. A cancelled call (client gone, deadline
-passed) starts no further rung.
-
-Method signatures are `(request, grpc_context)`: grpc.aio passes its ServicerContext
-positionally, Ray Serve passes its RayServegRPCContext by that keyword. A failed call aborts
-on grpc.aio and sets code and details on Ray's context (which has no abort).
+Hosts are thin: each wraps its transport's context in a `Call` (progsae.server.call) and calls a
+method here. Per call, exactly once and only here: auth, model-id resolution (field and the
+`multiplexed_model_id` metadata reconciled; ids cached by the registry), the call's deadline,
+status mapping (a ServiceError, or INTERNAL for anything else, answered through `Call.fail`) and
+metrics. Torch work (validation of large tensors, encode, every rung, checkpoint loading) runs on
+a thread pool, never on the event loop, so health checks, GetModel and other streams keep
+flowing while a large request computes. A cancelled call (client gone, deadline passed) starts no
+further rung.
 """
 
 from __future__ import annotations
@@ -23,73 +20,33 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from progsae.v1 import progsae_pb2 as pb
 
-from . import auth
-from .errors import ServiceError, Status, internal, invalid
-from .registry import ModelSpec, Registry, ServedModel
+from . import auth, stream, validate
+from .call import Call
+from .errors import ServiceError, Status, invalid
+from .health import HEALTH_NAME, SERVICE_NAME, Health
+from .registry import ModelRef, Registry, ServedModel
 from .service import CodecService
 from .text import TextActivations, TextBackend
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Progsae"].full_name
-HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-MODEL_ID_METADATA = "multiplexed_model_id"
-TIMEOUT_METADATA = "progsae-timeout-ms"
-"""Milliseconds the client will wait; clients send it because Ray's proxy does not forward gRPC deadlines."""
-
 T = TypeVar("T")
-Loader = Callable[[ModelSpec], Awaitable[ServedModel]]
+Loader = Callable[[ModelRef], Awaitable[ServedModel]]
 TextRunner = Callable[[str, int, str, int], Awaitable[TextActivations]]
 _END = object()
 
 
 class StreamRejected(Exception):
-    """A stream failed on Ray's context (status already set there); raising ends the call."""
-
-
-def metadata_value(grpc_context: Any, key: str) -> str:
-    for k, v in grpc_context.invocation_metadata() or () if grpc_context is not None else ():
-        if k == key:
-            return v
-    return ""
-
-
-def deadline_check(grpc_context: Any, t0: float) -> Callable[[], bool]:
-    """True once the call's deadline has passed: gRPC's own (grpc.aio), else the timeout metadata."""
-    end = None
-    remaining: Callable[[], float | None] | None = getattr(grpc_context, "time_remaining", None)
-    left = remaining() if callable(remaining) else None
-    if left is not None:
-        end = time.perf_counter() + left
-    else:
-        try:
-            ms = float(metadata_value(grpc_context, TIMEOUT_METADATA) or 0)
-        except ValueError:
-            ms = 0.0
-        if ms > 0:
-            end = t0 + ms / 1e3
-    return (lambda: False) if end is None else (lambda: time.perf_counter() > end)
-
-
-async def fail(grpc_context: Any, e: ServiceError) -> None:
-    """Answer the call with e's status: abort (grpc.aio raises), else set it on Ray's context."""
-    if grpc_context is None:
-        raise e
-    abort = getattr(grpc_context, "abort", None)
-    if abort is not None and asyncio.iscoroutinefunction(abort):
-        await abort(e.status.grpc(), e.message)
-    grpc_context.set_code(e.status.grpc())
-    grpc_context.set_details(e.message)
+    """A stream failed on a context that cannot abort (Ray's; status already set there); raising ends it."""
 
 
 class OffLoop:
     """A sync generator advanced one item at a time on an executor; close() is safe at any moment
     (while an item is being computed, the generator is closed as soon as that item is done)."""
 
-    def __init__(self, gen: Generator[T, None, None], pool: Executor):
+    def __init__(self, gen: Generator[T, None, Any], pool: Executor):
         self.gen, self.pool = gen, pool
         self._pending: Future | None = None
 
@@ -122,152 +79,199 @@ class ProgsaeServicer:
                  loaded: Callable[[], list[str]] | None = None):
         self.registry, self.service, self.token = registry, service, token
         self.pool = pool or ThreadPoolExecutor(max(1, service.config.compute_threads), thread_name_prefix="codec")
-        self._load = load or (lambda spec: asyncio.to_thread(registry.get, spec.id))
+        self._load = load or (lambda spec: asyncio.to_thread(registry.get, spec))
         self._encode = encode or (lambda model, req: self.compute(service.encode, model, req))
         self._text = text or _local_text(TextBackend())
         self.text_enabled = text_enabled
         self._loaded = loaded or registry.loaded
+        self.health = Health()
         self.reflection = reflection.ReflectionServicer((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME))
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Run torch work on the compute pool (never on the event loop)."""
         return await asyncio.wrap_future(self.pool.submit(fn, *args))
 
-    def authorize(self, grpc_context: Any) -> None:
-        """UNAUTHENTICATED unless the call carries the bearer token. No context = an in-process caller
-        (the HTTP API) whose own transport checked the token already."""
-        if grpc_context is not None:
-            auth.check(grpc_context, self.token)
+    # --- what every call goes through -----------------------------------------------------------
 
-    def resolve(self, field: str, grpc_context: Any) -> ModelSpec:
+    def authorize(self, call: Call) -> None:
+        """UNAUTHENTICATED unless the call carries the bearer token (no-op when auth is off)."""
+        auth.check(call.authorization, self.token)
+
+    def resolve(self, field: str, call: Call) -> ModelRef:
         """The call's model: its field and/or the multiplexed_model_id metadata, which must agree."""
-        meta = metadata_value(grpc_context, MODEL_ID_METADATA)
+        meta = call.model_id
         spec = self.registry.resolve(field or meta)
         if field and meta and meta != field and self.registry.resolve(meta).id != spec.id:
-            raise invalid(f"model_id {field!r} disagrees with metadata {MODEL_ID_METADATA}={meta!r}")
+            raise invalid(f"model_id {field!r} disagrees with metadata multiplexed_model_id={meta!r}")
+        self.service.stats.count("resolve")
         return spec
 
-    async def model(self, field: str, grpc_context: Any) -> ServedModel:
-        return await self._load(self.resolve(field, grpc_context))
+    async def model(self, field: str, call: Call) -> ServedModel:
+        return await self._load(self.resolve(field, call))
 
-    async def _unary(self, method: str, field: str, grpc_context: Any, body: Callable[[], Awaitable[Any]],
-                     empty: Any) -> Any:
-        method = _label(method, grpc_context)
+    async def unary(self, method: str, field: str, call: Call, body: Callable[[], Awaitable[T]], empty: T) -> T:
+        """Run one unary call: auth, metrics, status mapping. `empty` answers a failed call on a host
+        whose `fail` does not raise (Ray's)."""
+        label = call.label(method)
         try:
-            with self.service.observe(method, field):
-                self.authorize(grpc_context)
+            with self.service.observe(label, field):
+                self.authorize(call)
                 out = await body()
-            self.service.stats.bytes_out(method, out.ByteSize())
+            size = getattr(out, "ByteSize", None)
+            if size is not None:
+                self.service.stats.bytes_out(label, size())
             return out
         except ServiceError as e:
-            await fail(grpc_context, e)
+            await call.fail(e)
             return empty
+
+    async def streaming(self, method: str, field: str, call: Call,
+                        body: Callable[[Callable[[], bool], float], AsyncGenerator[T, None]]
+                        ) -> AsyncGenerator[T, None]:
+        """Run one streaming call: auth, metrics, status mapping, and DEADLINE_EXCEEDED when the
+        deadline stopped the stream before its end. `body(expired, t0)` yields the items."""
+        label = call.label(method)
+        t0 = time.perf_counter()
+        items: AsyncGenerator[T, None] | None = None
+        try:
+            with self.service.observe(label, field):
+                self.authorize(call)
+                expired = call.expired(t0)
+                ended = False
+                items = body(expired, t0)
+                async for item in items:
+                    size = getattr(item, "ByteSize", None)
+                    if size is not None:
+                        self.service.stats.bytes_out(label, size())
+                    ended = ended or _is_end(item)
+                    yield item
+                if not ended:  # the service stops before its end only at the call's deadline
+                    raise ServiceError(Status.DEADLINE_EXCEEDED, "the call's deadline passed; stream stopped")
+        except ServiceError as e:
+            await call.fail(e)
+            raise StreamRejected(e.message) from None
+        finally:
+            if items is not None:
+                await items.aclose()  # stops its computing at once (OffLoop.close)
+
+    async def _off_loop(self, gen_fn: Callable[..., Generator[T, None, Any]], *args: Any) -> AsyncGenerator[T, None]:
+        """Items of a sync generator built and advanced on the compute pool; it is closed when this is."""
+        items = OffLoop(await self.compute(gen_fn, *args), self.pool)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            items.close()
 
     # --- progsae.v1.Progsae -----------------------------------------------------------------
 
-    async def Encode(self, request: pb.EncodeRequest, grpc_context: Any = None) -> pb.EncodeResponse:
+    async def Encode(self, request: pb.EncodeRequest, call: Call) -> pb.EncodeResponse:
         async def body():
-            return await self._encode(await self.model(request.model_id, grpc_context), request)
+            return await self._encode(await self.model(request.model_id, call), request)
 
-        return await self._unary("Encode", request.model_id, grpc_context, body, pb.EncodeResponse())
+        return await self.unary("Encode", request.model_id, call, body, pb.EncodeResponse())
 
-    async def DecodeAtGranularity(self, request: pb.DecodeRequest, grpc_context: Any = None) -> pb.DecodeResponse:
+    async def DecodeAtGranularity(self, request: pb.DecodeRequest, call: Call) -> pb.DecodeResponse:
         async def body():
-            return await self.compute(self.service.decode_at, await self.model(request.model_id, grpc_context),
-                                      request)
+            return await self.compute(self.service.decode_at, await self.model(request.model_id, call), request)
 
-        return await self._unary("DecodeAtGranularity", request.model_id, grpc_context, body, pb.DecodeResponse())
+        return await self.unary("DecodeAtGranularity", request.model_id, call, body, pb.DecodeResponse())
 
-    async def StreamDecode(self, request: pb.StreamDecodeRequest,
-                           grpc_context: Any = None) -> AsyncGenerator[pb.StreamDecodeResponse, None]:
-        t0 = time.perf_counter()
-        status = Status.CANCELLED.value
-        rungs: OffLoop | None = None
-        try:
+    def StreamDecode(self, request: pb.StreamDecodeRequest,
+                     call: Call) -> AsyncGenerator[pb.StreamDecodeResponse, None]:
+        async def body(expired: Callable[[], bool], t0: float):
+            model = await self.model(request.model_id, call)
+            rungs = self._off_loop(self.service.stream, model, request, expired, t0)
             try:
-                self.authorize(grpc_context)
-                model = await self.model(request.model_id, grpc_context)
-                expired = deadline_check(grpc_context, t0)
-                gen = await self.compute(self.service.stream, model, request, expired, t0)
-                rungs = OffLoop(gen, self.pool)
                 async for msg in rungs:
-                    self.service.stats.bytes_out("StreamDecode", msg.ByteSize())
-                    if msg.HasField("end"):
-                        status = "OK"
                     yield msg
-                if status != "OK" and expired():  # the service stopped at the call's deadline
-                    raise ServiceError(Status.DEADLINE_EXCEEDED, "the call's deadline passed; stream stopped")
-            except ServiceError as e:
-                status = e.status.value
-                await fail(grpc_context, e)
-                raise StreamRejected(e.message) from None
-            except Exception as e:  # noqa: BLE001  (never a traceback to the client)
-                err = internal(e)
-                status = err.status.value
-                await fail(grpc_context, err)
-                raise StreamRejected(err.message) from None
-        finally:
-            if rungs is not None:
-                rungs.close()
-            self.service.stats.request(_label("StreamDecode", grpc_context), status, request.model_id,
-                                       time.perf_counter() - t0)
+            finally:
+                await rungs.aclose()
 
-    async def EncodeText(self, request: pb.EncodeTextRequest, grpc_context: Any = None) -> pb.EncodeTextResponse:
+        return self.streaming("StreamDecode", request.model_id, call, body)
+
+    async def EncodeText(self, request: pb.EncodeTextRequest, call: Call) -> pb.EncodeTextResponse:
         async def body():
-            model = await self.model(request.model_id, grpc_context)
-            limits = self.service.limits
-            text = request.text
-            if not text.strip():
-                raise invalid("text is empty")
-            if len(text) > limits.max_text_chars:
-                raise ServiceError(Status.RESOURCE_EXHAUSTED,
-                                   f"text of {len(text)} characters exceeds {limits.max_text_chars}")
-            if not self.text_enabled:
-                raise ServiceError(Status.UNIMPLEMENTED, "this server runs no language model (text: false)")
-            if not model.meta.model or model.meta.layer is None:
-                raise ServiceError(Status.FAILED_PRECONDITION,
-                                   f"model {model.id} names no language model and layer; EncodeText needs both")
-            n = min(request.max_tokens or limits.max_text_tokens, limits.max_text_tokens)
-            ta = await self._text(model.meta.model, int(model.meta.layer), text, n)
-            return await self.compute(self.service.encode_text_response, model, ta.token_ids, ta.tokens,
-                                      ta.activations, ta.language_model, ta.layer, request.packed_codes)
+            model = await self.model(request.model_id, call)
+            ta = await self.run_text(model, request.text, request.max_tokens)
+            return await self.compute(self.service.encode_text_response, model, ta, request.packed_codes)
 
-        return await self._unary("EncodeText", request.model_id, grpc_context, body, pb.EncodeTextResponse())
+        return await self.unary("EncodeText", request.model_id, call, body, pb.EncodeTextResponse())
 
-    async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any = None) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
         async def body():
-            return self.list_models()
+            infos = [self.service.model_info(self.registry.card(s)) for s in self.registry.variants()]
+            return pb.ListModelsResponse(models=infos, default_model_id=self.registry.default_id)
 
-        return await self._unary("ListModels", "", grpc_context, body, pb.ListModelsResponse())
+        return await self.unary("ListModels", "", call, body, pb.ListModelsResponse())
 
-    async def GetModel(self, request: pb.GetModelRequest, grpc_context: Any = None) -> pb.ModelInfo:
+    async def GetModel(self, request: pb.GetModelRequest, call: Call) -> pb.ModelInfo:
         async def body():
-            return self.get_model(self.resolve(request.model_id, grpc_context))
+            return self.service.model_info(self.registry.card(self.resolve(request.model_id, call)))
 
-        return await self._unary("GetModel", request.model_id, grpc_context, body, pb.ModelInfo())
+        return await self.unary("GetModel", request.model_id, call, body, pb.ModelInfo())
 
-    async def GetServerStats(self, request: pb.ServerStatsRequest, grpc_context: Any = None) -> pb.ServerStats:
+    async def GetServerStats(self, request: pb.ServerStatsRequest, call: Call) -> pb.ServerStats:
         async def body():
             return self.service.server_stats(self._loaded())
 
-        return await self._unary("GetServerStats", "", grpc_context, body, pb.ServerStats())
+        return await self.unary("GetServerStats", "", call, body, pb.ServerStats())
 
-    # --- the same, for the HTTP API (no protobuf metadata) ------------------------------------
+    # --- text: one pass from the language model to the rungs ----------------------------------
 
-    def list_models(self) -> pb.ListModelsResponse:
-        infos = [self.get_model(s) for s in self.registry.variants()]
-        return pb.ListModelsResponse(models=infos, default_model_id=self.registry.default_id)
+    async def run_text(self, model: ServedModel, text: str, max_tokens: int) -> TextActivations:
+        """The checkpoint's language model over `text`, up to its layer (once per call)."""
+        limits = self.service.limits
+        if not text.strip():
+            raise invalid("text is empty")
+        if len(text) > limits.max_text_chars:
+            raise ServiceError(Status.RESOURCE_EXHAUSTED,
+                               f"text of {len(text)} characters exceeds {limits.max_text_chars}")
+        if not self.text_enabled:
+            raise ServiceError(Status.UNIMPLEMENTED, "this server runs no language model (text: false)")
+        if not model.meta.model or model.meta.layer is None:
+            raise ServiceError(Status.FAILED_PRECONDITION,
+                               f"model {model.id} names no language model and layer; text needs both")
+        n = min(max_tokens or limits.max_text_tokens, limits.max_text_tokens)
+        self.service.stats.count("lm")
+        return await self._text(model.meta.model, int(model.meta.layer), text, n)
 
-    def get_model(self, spec: ModelSpec) -> pb.ModelInfo:
-        return self.service.model_info(self.registry.card(spec))
+    def StreamEvents(self, request: pb.StreamDecodeRequest, call: Call, *, top: int = 8, text: str | None = None,
+                     max_tokens: int = 0) -> AsyncGenerator[TextActivations | stream.Event, None]:
+        """A stream as typed events (the HTTP API's and the dashboard's), whose rungs carry their new
+        latents (at most `top` per token). With `text`, the request's input is the text's activations:
+        the model is resolved once, the language model runs once (its output, with the tokens, is
+        the first item), the activations are encoded once, and the call is counted once. The deadline
+        counts from the call's start, the language model included: when nothing is left for a rung,
+        the stream ends with none."""
+        async def body(expired: Callable[[], bool], t0: float):
+            model = await self.model(request.model_id, call)
+            ta = None
+            if text is not None:
+                ta = await self.run_text(model, text, max_tokens)
+                yield ta
+            plan = await self.compute(self._plan, model, request, ta)
+            events = self._off_loop(self.service.events, model, plan, expired, t0, top)
+            try:
+                async for ev in events:
+                    yield ev
+            finally:
+                await events.aclose()
+
+        return self.streaming("StreamText" if text is not None else "StreamEvents", request.model_id, call, body)
+
+    def _plan(self, model: ServedModel, request: pb.StreamDecodeRequest, ta: TextActivations | None
+              ) -> validate.StreamPlan:
+        x = self.service.text_activations(model, ta) if ta is not None else None
+        return validate.stream_plan(request, model, self.service.limits, x=x)
 
     # --- grpc.reflection.v1alpha (behind the same auth) -----------------------------------------
 
-    async def ServerReflectionInfo(self, requests: AsyncIterator[Any], grpc_context: Any = None):
+    async def ServerReflectionInfo(self, requests: AsyncIterator[Any], call: Call):
         try:
-            self.authorize(grpc_context)
+            self.authorize(call)
         except ServiceError as e:
-            await fail(grpc_context, e)
+            await call.fail(e)
             return
         async for req in requests:
             # typeshed wants a context; grpc_reflection's servicer never reads it
@@ -275,9 +279,11 @@ class ProgsaeServicer:
                 yield resp
 
 
-def _label(method: str, grpc_context: Any) -> str:
-    """The metrics label of a call: the RPC's name, `http:`-prefixed for the HTTP API (no gRPC context)."""
-    return method if grpc_context is not None else f"http:{method}"
+def _is_end(item: Any) -> bool:
+    """Whether a streamed item ends its stream (a StreamDecodeResponse with `end`, an end event)."""
+    if isinstance(item, pb.StreamDecodeResponse):
+        return item.HasField("end")
+    return isinstance(item, stream.EndEvent) or (isinstance(item, stream.RungEvent) and item.end is not None)
 
 
 def _local_text(backend: TextBackend) -> TextRunner:

@@ -51,6 +51,9 @@ class Stats:
         self.streams_completed = 0
         self.streams_cancelled = 0
         self.rungs_computed = 0
+        self.work: Counter[str] = Counter()
+        """Units of work done, by kind ("resolve", "lm", "encode"): what one call cost, for tests and
+        debugging."""
 
     def request(self, method: str, status: str, model: str, seconds: float) -> None:
         with self._lock:
@@ -62,6 +65,10 @@ class Stats:
             self.sink.request(method, status, model if status == "OK" else "-", seconds)
         except Exception:  # noqa: BLE001  (metrics must never fail a call)
             log.warning("metrics sink failed", exc_info=True)
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.work[what] += 1
 
     def stream_started(self) -> None:
         with self._lock:

@@ -153,11 +153,15 @@ class StreamPlan:
         return None
 
 
-def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits) -> StreamPlan:
-    which = req.WhichOneof("input")
+def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits,
+                x: torch.Tensor | None = None) -> StreamPlan:
+    """The checked plan of a stream; `x` is activations the server made itself (a text's), in place of
+    the request's input."""
+    which = "activations" if x is not None else req.WhichOneof("input")
     if which is None:
         raise invalid("StreamDecodeRequest needs an input: activations or codes")
-    x = activations(req.activations, model, limits) if which == "activations" else None
+    if x is None and which == "activations":
+        x = activations(req.activations, model, limits)
     c = codes(req.codes, model, limits) if which == "codes" else None
     if req.ladder:
         ladder = tuple(int(g) for g in req.ladder)
