@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from progsae.sae import budgets
 from progsae.sae.codec import Codes
-from progsae.server import http_api, testing
+from progsae.server import http_api, http_host, testing
 from progsae.server.registry import Registry, RegistryConfig
 from progsae.server.service import CodecService
 from progsae.server.servicer import ProgsaeServicer
@@ -35,7 +35,7 @@ def root(tmp_path_factory) -> Path:
 def serve(root: Path, token: str = "") -> tuple[TestClient, ProgsaeServicer]:
     registry = Registry(RegistryConfig(root=str(root)))
     servicer = ProgsaeServicer(registry, CodecService(), token=token)
-    return TestClient(http_api.host(servicer)), servicer
+    return TestClient(http_host.host(servicer, http_api.api)), servicer
 
 
 def sse(body: str) -> list[tuple[str, dict]]:

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from progsae.v1 import progsae_pb2 as pb
 
-from . import auth, http_api
+from . import auth, http_api, http_host
 from . import text as textmod
 from .call import RayCall
 from .config import AppConfig
@@ -87,7 +87,7 @@ class Codec:
         self._encode_batch.set_max_batch_size(c.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue]
         self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
         self._encodes_in_flight = 0
-        http_api.host(self.servicer)
+        http_host.host(self.servicer, http_api.api)
         self._direct = None
         if c.direct_grpc_port:
             self._direct = await start_aio_server(

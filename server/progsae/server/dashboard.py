@@ -33,6 +33,7 @@ from progsae.sae import checkpoint, feature_cards
 
 from .call import HttpCall
 from .errors import ServiceError, invalid, not_found
+from .http_host import servicer_of
 from .registry import ModelRef, Registry
 
 if TYPE_CHECKING:
@@ -157,8 +158,6 @@ router = APIRouter()
 
 def _dashboard(request: Request) -> tuple[ProgsaeServicer, Dashboard]:
     """The servicer this app hosts (http_api.host) and the dashboard data over its registry."""
-    from .http_api import servicer_of
-
     sv = servicer_of(request)
     d = getattr(request.app.state, "dashboard", None)
     if d is None or d.registry is not sv.registry:

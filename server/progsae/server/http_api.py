@@ -19,7 +19,7 @@ Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching H
 
 Every /api route is one servicer call (progsae.server.servicer) over an HttpCall: auth, model
 resolution, metrics and status mapping happen there; this module only turns JSON into requests
-and responses (and a stream's events) into JSON. The host hands its servicer over with `host`.
+and responses (and a stream's events) into JSON. The host hands its servicer over with `http_host.host`.
 """
 
 from __future__ import annotations
@@ -39,28 +39,11 @@ from progsae.v1 import progsae_pb2 as pb
 from . import stream
 from .call import HttpCall
 from .errors import ServiceError, internal, invalid
+from .http_host import servicer_of
 from .servicer import ProgsaeServicer
 from .text import TextActivations
 
 api = FastAPI(title="progsae", description="Progressive SAE codec: HTTP/JSON API")
-
-
-_hosted: list[ProgsaeServicer] = []
-"""The servicer of this process's Serve replica: Serve serves a frozen copy of `api`, whose state
-`host` cannot reach, so the replica's servicer is also kept here."""
-
-
-def host(servicer: ProgsaeServicer, app: FastAPI = api) -> FastAPI:
-    """Serve `servicer` on `app` (a Codec replica does this for Serve's copy of `api`; so can any ASGI
-    server, or a test)."""
-    app.state.servicer = servicer
-    _hosted[:] = [servicer]
-    return app
-
-
-def servicer_of(request: Request) -> ProgsaeServicer:
-    sv = getattr(request.app.state, "servicer", None)
-    return sv if sv is not None else _hosted[0]
 
 
 def error_response(e: ServiceError) -> JSONResponse:
