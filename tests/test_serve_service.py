@@ -282,3 +282,14 @@ def test_revision_1_clients_get_repeated_codes_and_both_forms_decode_alike(clien
     outs = [convert.to_numpy(stub.DecodeAtGranularity(pb.DecodeRequest(model_id="topk", codes=c, granularity=64),
                                                       timeout=10).reconstruction) for c in (old.codes, new.codes)]
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_service_errors_cross_process_boundaries_whole():
+    """The LanguageModel deployment returns a ServiceError through Ray (pickled): status and message survive."""
+    import pickle
+
+    from progsae.server.errors import ServiceError, Status
+
+    e = pickle.loads(pickle.dumps(ServiceError(Status.FAILED_PRECONDITION, "language model 'x' unavailable")))
+    assert isinstance(e, ServiceError) and e.status is Status.FAILED_PRECONDITION
+    assert e.message == "language model 'x' unavailable"

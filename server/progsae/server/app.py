@@ -25,7 +25,7 @@ from . import auth, http_api, http_host
 from . import text as textmod
 from .call import RayCall
 from .config import AppConfig
-from .errors import ServiceError, Status
+from .errors import ServiceError, Status, internal
 from .grpc_server import GrpcServerConfig, start_aio_server
 from .ray_proxy import LOST_REPLICA, is_lost_replica
 from .registry import Registry, RegistryConfig, ServedModel
@@ -51,13 +51,14 @@ class LanguageModel:
     def __init__(self) -> None:
         self.backend = textmod.TextBackend()
 
-    def run(self, alias: str | None, layer: int | None, text: str, max_tokens: int) -> tuple:
+    def run(self, alias: str | None, layer: int | None, text: str, max_tokens: int) -> TextActivations | ServiceError:
+        """The activations, or the error as a value (raised by the caller: Ray would wrap a raised one)."""
         try:
-            return ("ok", self.backend.run(alias, layer, text, max_tokens))
+            return self.backend.run(alias, layer, text, max_tokens)
         except ServiceError as e:
-            return ("error", e.status.value, e.message)
-        except Exception as e:  # noqa: BLE001  (one line back, never a traceback)
-            return ("error", Status.INTERNAL.value, f"language model failed: {type(e).__name__}: {e}"[:300])
+            return e
+        except Exception as e:  # noqa: BLE001  (one line back, the traceback in this replica's log)
+            return internal(e)
 
 
 @serve.deployment(name="Codec")
@@ -147,9 +148,9 @@ class Codec:
             if is_lost_replica(e):  # its replica or node died under the call: transient, like our own
                 raise ServiceError(Status.UNAVAILABLE, LOST_REPLICA.format(type(e).__name__)) from e
             raise
-        if r[0] == "error":
-            raise ServiceError(Status(r[1]), r[2])
-        return r[1]
+        if isinstance(r, ServiceError):
+            raise r
+        return r
 
     # --- gRPC through Serve's proxy: the servicer's methods, each call wrapped in a RayCall ---------
 

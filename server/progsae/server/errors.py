@@ -76,6 +76,9 @@ class ServiceError(Exception):
     def __repr__(self) -> str:
         return f"ServiceError({self.status.value}, {self.message!r})"
 
+    def __reduce__(self):  # crosses Ray's process boundaries whole (the LanguageModel deployment returns it)
+        return (ServiceError, (self.status, self.message))
+
 
 def invalid(message: str) -> ServiceError:
     return ServiceError(Status.INVALID_ARGUMENT, message)
