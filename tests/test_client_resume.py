@@ -94,12 +94,29 @@ def test_stream_cut_part_way_is_resumed(server, abort):
     assert len(script.requests) == 2
 
 
-def test_resume_twice_and_before_any_rung(server):
+NO_REPLICA = (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: connection refused")
+
+
+def test_resume_after_a_call_that_reached_no_replica_and_one_lost_replica(server):
     script, target = server
-    script.attempts = [Attempt([], LOST), Attempt(messages()[:1], LOST), Attempt(messages()[:3], LOST),
+    script.attempts = [Attempt([], NO_REPLICA), Attempt([], NO_REPLICA), Attempt(messages()[:1], LOST),
                        Attempt(messages())]
     s, rungs = _stream(target)
-    assert [r.g for r in rungs] == LADDER and s.resumed == 2
+    assert [r.g for r in rungs] == LADDER and s.resumed == 1 and len(script.requests) == 4
+
+
+def test_a_call_whose_replica_died_twice_is_not_retried_again(server):
+    """A request that kills its replica (out of memory, a crash) costs at most two replicas, not retries + 1."""
+    script, target = server
+    script.attempts = [Attempt(messages()[:1], LOST), Attempt(messages()[:3], LOST), Attempt(messages())]
+    with Client(target, backoff=0.01) as c:
+        s = c.stream(X, model="m")
+        got = []
+        with pytest.raises(ProgsaeError) as e:
+            for r in s:
+                got.append(r.g)
+    assert got == LADDER[:3] and len(script.requests) == 2
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "replica serving the call was lost" in e.value.details
 
 
 def test_resumed_stream_keeps_its_deadline_budget(server):
@@ -205,3 +222,15 @@ def test_resumed_per_token_delta_stream_adds_each_rung_once(server):
     assert list(s.result.token_final_g) == [8, 32] and s.result.token_met.all()
     assert s.result.stop_reason == "token_target_fvu"
     assert script.requests[0].budget.token_target_fvu == 0.5
+
+
+def test_retry_policy_of_every_call():
+    """UNAVAILABLE that reached no replica: up to `retries` with doubling backoff; a lost replica: once."""
+    from progsae.clients.client import ClientConfig, Retries
+
+    r = Retries(ClientConfig(retries=3, backoff=0.5))
+    u = grpc.StatusCode.UNAVAILABLE
+    assert [r.again(u, NO_REPLICA[1]) for _ in range(4)] == [0.5, 1.0, 2.0, None]
+    r = Retries(ClientConfig(retries=3, backoff=0.5))
+    assert r.again(u, LOST[1]) == 0.5 and r.again(u, NO_REPLICA[1]) == 1.0 and r.again(u, "Socket closed") is None
+    assert Retries(ClientConfig()).again(grpc.StatusCode.INTERNAL, "internal error (KeyError)") is None

@@ -28,6 +28,9 @@ def _check_serve_config(cfg: dict) -> None:
     assert set(deployments) == {"Codec", "LanguageModel"}
     auto = deployments["Codec"]["autoscaling_config"]
     assert auto["max_replicas"] > auto["min_replicas"] >= 1
+    # the fast path's load reaches the autoscaler: the policy Serve's controller will import
+    module, fn = auto["policy"]["policy_function"].split(":")
+    assert callable(getattr(importlib.import_module(module), fn))
 
 
 def test_serve_config_validates():

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from progsae.v1 import progsae_pb2 as pb
 
-from . import auth, http_api, http_host
+from . import auth, autoscaling, http_api, http_host
 from . import text as textmod
 from .call import RayCall
 from .config import AppConfig
@@ -92,8 +92,10 @@ class Codec:
         self._direct = None
         if c.direct_grpc_port:
             self._direct = await start_aio_server(
-                self.servicer, GrpcServerConfig(address=f"{c.direct_grpc_host}:{c.direct_grpc_port}",
-                                                reuse_port=True), c.limits)
+                self.servicer, GrpcServerConfig(address=f"{c.direct_grpc_host}:{c.direct_grpc_port}", reuse_port=True,
+                                                max_connection_age_s=c.direct_max_connection_age_s,
+                                                max_connection_age_grace_s=c.direct_max_connection_age_grace_s),
+                c.limits)
 
     async def __del__(self) -> None:
         """Serve calls this when the replica stops: the direct port drains its calls like Serve does."""
@@ -102,6 +104,10 @@ class Codec:
             server, _ = direct
             self.servicer.health.enter_graceful_shutdown()
             await server.stop(self.config.graceful_shutdown_timeout_s)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics: the load its proxies do not see (the direct port)."""
+        return autoscaling.replica_stats(self.service.stats)
 
     def _text_available(self, card) -> bool:
         return self.lm is not None and textmod.available(card)
@@ -220,7 +226,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
     }
     if cfg.autoscaling:
-        opts["autoscaling_config"] = cfg.autoscaling
+        # with a direct port, Serve's policy must see its load too (progsae.server.autoscaling)
+        opts["autoscaling_config"] = autoscaling.with_policy(cfg.autoscaling) if cfg.direct_grpc_port \
+            else cfg.autoscaling
     else:
         opts["num_replicas"] = cfg.codec_replicas
     return Codec.options(**opts).bind(cfg.to_dict(), lm)

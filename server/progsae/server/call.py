@@ -33,6 +33,10 @@ class Call:
 
     label_prefix = ""
     """Prefix of the call's metrics label: "" for gRPC, "http:" for the HTTP API."""
+    transport = "local"
+    """How the call reached this process: "direct" (a grpc.aio port: the replica's own, or a plain
+    server), "proxy" (Serve's gRPC proxy), "http" (Serve's HTTP proxy). Serve counts the last two for
+    its autoscaler; the replica reports the first itself (progsae.server.autoscaling)."""
 
     def __init__(self, metadata: Iterable[tuple[str, str]] = ()):
         self._metadata = {k.lower(): v for k, v in metadata}
@@ -77,6 +81,8 @@ class Call:
 class GrpcCall(Call):
     """A grpc.aio call: gRPC's own deadline; a failure aborts (grpc.aio raises out of the handler)."""
 
+    transport = "direct"
+
     def __init__(self, context: Any):
         super().__init__(context.invocation_metadata() or ())
         self.context = context
@@ -99,6 +105,8 @@ class GrpcCall(Call):
 class RayCall(Call):
     """A call through Ray Serve's gRPC proxy (its RayServegRPCContext)."""
 
+    transport = "proxy"
+
     def __init__(self, context: Any):
         super().__init__(context.invocation_metadata() or () if context is not None else ())
         self.context = context
@@ -114,6 +122,7 @@ class HttpCall(Call):
     """A call of the HTTP/JSON API: its headers are its metadata; a failure raises."""
 
     label_prefix = "http:"
+    transport = "http"
 
     def __init__(self, headers: Mapping[str, str]):
         super().__init__((k, v) for k, v in headers.items() if k.lower() == AUTH_METADATA)

@@ -61,6 +61,12 @@ class AppConfig:
     spreads connections over them: the fast path, with no proxy hop (BENCHMARKS.md). 0 = off."""
     direct_grpc_host: str = "127.0.0.1"
     """Address the direct gRPC port binds (0.0.0.0 on a cluster node)."""
+    direct_max_connection_age_s: float = 10.0
+    """The direct port closes each client connection (HTTP/2 GOAWAY, +-10% jitter) after this long, so
+    clients reconnect and the kernel (SO_REUSEPORT) or their round robin spreads them over the replicas
+    there are now, new ones included. 0 = connections live forever (clients stay on their replica)."""
+    direct_max_connection_age_grace_s: float = 30.0
+    """How long calls in flight on a connection being closed for its age may still finish."""
     auth_token: str = ""
     """Bearer token every gRPC call (but health) and every /api HTTP route must carry; empty = auth off.
     Prefer `auth_token_env` on clusters: a literal token is visible in the Serve config."""

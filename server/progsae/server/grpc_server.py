@@ -43,6 +43,11 @@ class GrpcServerConfig:
     reuse_port: bool = False
     """Bind with SO_REUSEPORT so that several processes (codec replicas) share one port; the kernel
     spreads connections over them."""
+    max_connection_age_s: float = 0.0
+    """Close each client connection (GOAWAY) after this long, so clients reconnect and are spread over
+    the processes listening now; 0 = never."""
+    max_connection_age_grace_s: float = 30.0
+    """How long calls on a connection closed for its age may still finish."""
 
 
 class _Undecodable:
@@ -115,6 +120,9 @@ async def start_aio_server(servicer: ProgsaeServicer, config: GrpcServerConfig, 
                            ) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start a grpc.aio server for `servicer` on the running loop: (server, port)."""
     options = [*message_options(limits), ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
+    if config.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(1e3 * config.max_connection_age_s)),
+                    ("grpc.max_connection_age_grace_ms", int(1e3 * config.max_connection_age_grace_s))]
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((progsae_handler(servicer),))
     health.add_to_server(servicer.health, server)

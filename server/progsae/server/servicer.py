@@ -46,13 +46,13 @@ class OffLoop:
     """A sync generator advanced one item at a time on an executor; close() is safe at any moment
     (while an item is being computed, the generator is closed as soon as that item is done)."""
 
-    def __init__(self, gen: Generator[T, None, Any], pool: Executor):
-        self.gen, self.pool = gen, pool
+    def __init__(self, gen: Generator[T, None, Any], submit: Callable[..., Future]):
+        self.gen, self.submit = gen, submit
         self._pending: Future | None = None
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         while True:
-            self._pending = self.pool.submit(next, self.gen, _END)
+            self._pending = self.submit(next, self.gen, _END)
             item = await asyncio.wrap_future(self._pending)
             self._pending = None
             if item is _END:
@@ -87,9 +87,18 @@ class ProgsaeServicer:
         self.health = Health()
         self.reflection = reflection.ReflectionServicer((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME))
 
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue torch work on the compute pool, counted until it finishes (the replica's rung work
+        queued, which it reports to the autoscaler)."""
+        stats = self.service.stats
+        stats.compute_started()
+        future = self.pool.submit(fn, *args)
+        future.add_done_callback(stats.compute_done)
+        return future
+
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Run torch work on the compute pool (never on the event loop)."""
-        return await asyncio.wrap_future(self.pool.submit(fn, *args))
+        return await asyncio.wrap_future(self.submit(fn, *args))
 
     # --- what every call goes through -----------------------------------------------------------
 
@@ -113,17 +122,21 @@ class ProgsaeServicer:
         """Run one unary call: auth, metrics, status mapping. `empty` answers a failed call on a host
         whose `fail` does not raise (Ray's)."""
         label = call.label(method)
+        stats = self.service.stats
+        stats.enter(call.transport)
         try:
             with self.service.observe(label, field):
                 self.authorize(call)
                 out = await body()
             size = getattr(out, "ByteSize", None)
             if size is not None:
-                self.service.stats.bytes_out(label, size())
+                stats.bytes_out(label, size())
             return out
         except ServiceError as e:
             await call.fail(e)
             return empty
+        finally:
+            stats.leave(call.transport)
 
     async def streaming(self, method: str, field: str, call: Call,
                         body: Callable[[Callable[[], bool], float], AsyncGenerator[T, None]]
@@ -133,6 +146,7 @@ class ProgsaeServicer:
         label = call.label(method)
         t0 = time.perf_counter()
         items: AsyncGenerator[T, None] | None = None
+        self.service.stats.enter(call.transport)
         try:
             with self.service.observe(label, field):
                 self.authorize(call)
@@ -151,12 +165,13 @@ class ProgsaeServicer:
             await call.fail(e)
             raise StreamRejected(e.message) from None
         finally:
+            self.service.stats.leave(call.transport)
             if items is not None:
                 await items.aclose()  # stops its computing at once (OffLoop.close)
 
     async def _off_loop(self, gen_fn: Callable[..., Generator[T, None, Any]], *args: Any) -> AsyncGenerator[T, None]:
         """Items of a sync generator built and advanced on the compute pool; it is closed when this is."""
-        items = OffLoop(await self.compute(gen_fn, *args), self.pool)
+        items = OffLoop(await self.compute(gen_fn, *args), self.submit)
         try:
             async for item in items:
                 yield item

@@ -51,6 +51,10 @@ class Stats:
         self.streams_completed = 0
         self.streams_cancelled = 0
         self.rungs_computed = 0
+        self.in_flight: Counter[str] = Counter()
+        """Calls being served now, by transport (progsae.server.call.Call.transport)."""
+        self.compute_pending = 0
+        """Torch work items submitted to the compute pool and not finished (queued or running)."""
         self.work: Counter[str] = Counter()
         """Units of work done, by kind ("resolve", "lm", "encode"): what one call cost, for tests and
         debugging."""
@@ -65,6 +69,22 @@ class Stats:
             self.sink.request(method, status, model if status == "OK" else "-", seconds)
         except Exception:  # noqa: BLE001  (metrics must never fail a call)
             log.warning("metrics sink failed", exc_info=True)
+
+    def enter(self, transport: str) -> None:
+        with self._lock:
+            self.in_flight[transport] += 1
+
+    def leave(self, transport: str) -> None:
+        with self._lock:
+            self.in_flight[transport] -= 1
+
+    def compute_started(self) -> None:
+        with self._lock:
+            self.compute_pending += 1
+
+    def compute_done(self, _future: object = None) -> None:
+        with self._lock:
+            self.compute_pending -= 1
 
     def count(self, what: str) -> None:
         with self._lock:

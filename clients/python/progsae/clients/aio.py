@@ -13,7 +13,7 @@ from progsae.v1 import progsae_pb2 as pb
 from progsae.v1 import progsae_pb2_grpc as pb_grpc
 
 from . import types as t
-from .client import RETRYABLE, ClientConfig, Diverged, Replay, make_channel, metadata, status_of
+from .client import ClientConfig, Diverged, Replay, Retries, make_channel, metadata, status_of
 from .types import ProgsaeError
 
 
@@ -36,19 +36,17 @@ class AsyncClient:
 
     async def _call(self, method: str, request, model: str = "", timeout: float | None = None):
         fn = getattr(self.stub, method)
-        delay = self.config.backoff
-        for attempt in range(self.config.retries + 1):
+        retries = Retries(self.config)
+        while True:
             try:
                 return await fn(request, timeout=timeout or self.config.timeout,
                                 metadata=metadata(self.config, model, timeout))
             except grpc.aio.AioRpcError as e:
                 code, details = status_of(e)
-                if code in RETRYABLE and attempt < self.config.retries:
-                    await asyncio.sleep(delay)
-                    delay *= 2
-                    continue
-                raise ProgsaeError(code, details, method) from None
-        raise AssertionError("unreachable")
+                delay = retries.again(code, details)
+                if delay is None:
+                    raise ProgsaeError(code, details, method) from None
+                await asyncio.sleep(delay)
 
     async def models(self) -> list[t.ModelInfo]:
         resp = await self._call("ListModels", pb.ListModelsRequest())
@@ -85,9 +83,9 @@ class AsyncClient:
         req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype,
                                token_target_fvu, max_k, axis, k_ladder)
         result = result if result is not None else t.StreamResult()
-        cfg, delay, replay = self.config, self.config.backoff, Replay(req)
+        cfg, retries, replay = self.config, Retries(self.config), Replay(req)
         failed: tuple[grpc.StatusCode, str] | None = None
-        for attempt in range(cfg.retries + 1):
+        while True:
             t0 = time.perf_counter()
             call = self.stub.StreamDecode(replay.request(), timeout=timeout or cfg.timeout,
                                           metadata=metadata(cfg, model, timeout))
@@ -99,11 +97,10 @@ class AsyncClient:
                 return
             except grpc.aio.AioRpcError as e:
                 code, details = failed = status_of(e)
-                if code in RETRYABLE and attempt < cfg.retries:
-                    await asyncio.sleep(delay)
-                    delay *= 2
-                    continue
-                raise ProgsaeError(code, details, "StreamDecode") from None
+                delay = retries.again(code, details)
+                if delay is None:
+                    raise ProgsaeError(code, details, "StreamDecode") from None
+                await asyncio.sleep(delay)
             except Diverged as d:
                 code, details = failed or (grpc.StatusCode.INTERNAL, "")
                 raise ProgsaeError(code, f"{details} (not resumed: {d})", "StreamDecode") from None

@@ -48,6 +48,35 @@ def status_of(e: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return code, " ".join(details.split())
 
 
+_LOST_WHILE_SERVING = re.compile(
+    r"replica serving the call was lost|socket closed|connection reset|broken pipe|stream removed|rst_stream"
+    r"|end of file", re.IGNORECASE)
+"""An UNAVAILABLE whose call had reached a replica that went away under it (Ray's lost-replica answer, or
+the replica's own port dropping the connection mid-call), as opposed to one that never got a replica."""
+
+
+class Retries:
+    """When a failed call is tried again. UNAVAILABLE is transient: retried up to `retries` times with
+    exponential backoff. But a call whose replica died while serving it may be what killed it (an
+    out-of-memory request, a crash): it is retried once only, so one poison request costs at most two
+    replica restarts, not `retries + 1`."""
+
+    def __init__(self, cfg: ClientConfig):
+        self.cfg, self.attempt, self.lost, self.delay = cfg, 0, 0, cfg.backoff
+
+    def again(self, code: grpc.StatusCode, details: str) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up."""
+        if code not in RETRYABLE or self.attempt >= self.cfg.retries:
+            return None
+        if _LOST_WHILE_SERVING.search(details):
+            if self.lost >= 1:
+                return None
+            self.lost += 1
+        self.attempt += 1
+        delay, self.delay = self.delay, self.delay * 2
+        return delay
+
+
 class Diverged(Exception):
     """A resumed stream did not replay what the interrupted one had delivered."""
 
@@ -141,11 +170,16 @@ class ClientConfig:
     """Speak TLS (system roots, or `tls_ca_file`)."""
     tls_ca_file: str = ""
     """PEM file of the CA (or self-signed certificate) to trust; implies `tls`."""
+    load_balancing: str = "round_robin"
+    """gRPC load-balancing policy over the addresses `target` resolves to: "round_robin" spreads calls
+    over every replica a DNS name lists (a Kubernetes headless Service), re-resolving when a connection
+    closes (the replicas' maximum connection age); "pick_first" sticks to one."""
 
 
-def channel_options(cfg: ClientConfig) -> list[tuple[str, int]]:
+def channel_options(cfg: ClientConfig) -> list[tuple[str, int | str]]:
     return [("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes)]
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.lb_policy_name", cfg.load_balancing)]
 
 
 def credentials(cfg: ClientConfig):
@@ -206,19 +240,17 @@ class Client:
 
     def _call(self, method: str, request, model: str = "", timeout: float | None = None):
         fn = getattr(self.stub, method)
-        delay = self.config.backoff
-        for attempt in range(self.config.retries + 1):
+        retries = Retries(self.config)
+        while True:
             try:
                 return fn(request, timeout=timeout or self.config.timeout,
                           metadata=metadata(self.config, model, timeout))
             except grpc.RpcError as e:
                 code, details = status_of(e)
-                if code in RETRYABLE and attempt < self.config.retries:
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                raise ProgsaeError(code, details, method) from None
-        raise AssertionError("unreachable")
+                delay = retries.again(code, details)
+                if delay is None:
+                    raise ProgsaeError(code, details, method) from None
+                time.sleep(delay)
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -291,9 +323,9 @@ class Stream:
 
     def __iter__(self) -> Iterator[t.Rung]:
         cfg = self.client.config
-        delay, replay = cfg.backoff, Replay(self.request)
+        retries, replay = Retries(cfg), Replay(self.request)
         failed: tuple[grpc.StatusCode, str] | None = None
-        for attempt in range(cfg.retries + 1):
+        while True:
             t0 = time.perf_counter()
             self.resumed += replay.resuming
             self._call = self.client.stub.StreamDecode(replay.request(), timeout=self.timeout,
@@ -308,11 +340,10 @@ class Stream:
                 if e.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
                     return
                 code, details = failed = status_of(e)
-                if code in RETRYABLE and attempt < cfg.retries:
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                raise ProgsaeError(code, details, "StreamDecode") from None
+                delay = retries.again(code, details)
+                if delay is None:
+                    raise ProgsaeError(code, details, "StreamDecode") from None
+                time.sleep(delay)
             except Diverged as d:
                 self._call.cancel()
                 code, details = failed or (grpc.StatusCode.INTERNAL, "")
