@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -40,6 +42,7 @@ GRPC_SERVICER_FUNCTIONS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
     "grpc_reflection.v1alpha.reflection_pb2_grpc.add_ServerReflectionServicer_to_server",
 ]
+log = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = int(os.environ.get("PROGSAE_MODELS_PER_REPLICA", "4"))
 """LRU size of serve.multiplexed (fixed when the class is defined: set the env var in runtime_env)."""
 
@@ -98,12 +101,18 @@ class Codec:
                 c.limits)
 
     async def __del__(self) -> None:
-        """Serve calls this when the replica stops: the direct port drains its calls like Serve does."""
+        """Serve calls this when the replica stops (scale-down, redeploy), after its own drain: the direct
+        port turns NOT_SERVING, sends GOAWAY (clients open their next calls elsewhere) and lets the calls
+        in flight finish within graceful_shutdown_timeout_s."""
         direct, self._direct = getattr(self, "_direct", None), None
         if direct is not None:
             server, _ = direct
+            t0, calls = time.perf_counter(), self.service.stats.in_flight["direct"]
             self.servicer.health.enter_graceful_shutdown()
             await server.stop(self.config.graceful_shutdown_timeout_s)
+            log.info("progsae: codec replica %s stopped its direct port in %.3f s (%d calls in flight at GOAWAY, "
+                     "%d left)", self.service.stats.replica, time.perf_counter() - t0, calls,
+                     self.service.stats.in_flight["direct"])
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook for custom autoscaling metrics: the load its proxies do not see (the direct port)."""
