@@ -25,7 +25,7 @@ def app(tmp_path_factory):
     cluster = launch.LocalCluster(grpc_port=testing.free_port(), http_port=testing.free_port())
     cfg = AppConfig(checkpoint_root=str(root), codec_replicas=2, text=False, graceful_shutdown_timeout_s=15,
                     direct_grpc_port=testing.free_port(), direct_max_connection_age_s=2,
-                    direct_max_connection_age_grace_s=15)
+                    direct_max_connection_age_grace_s=15, replica_memory_bytes=64 << 20)
     addrs = launch.start(cfg, cluster)
     yield cfg, addrs
     launch.stop()
@@ -79,3 +79,23 @@ def _replica_stop_lines() -> list[str]:
         with open(f, errors="replace") as fh:
             out += [m.group(0) for line in fh if (m := re.search(r"progsae: codec replica .*", line))]
     return out
+
+
+@pytest.mark.parametrize("path", ["grpc", "direct"], ids=["proxy", "replica port"])
+def test_an_encode_too_large_for_the_replica_is_refused_and_nothing_restarts(app, path):
+    import grpc
+    from ray import serve
+
+    from progsae.clients import ProgsaeError
+
+    _, addrs = app
+    replicas = lambda: serve.status().applications[launch.APP_NAME].deployments["Codec"].replica_states  # noqa: E731
+    before = dict(replicas())
+    xb = testing.sample_activations(8192, d=16, m=4096, seed=3).numpy()  # ~270 MiB of pre-activations
+    with Client(addrs[path], timeout=60) as c:
+        with pytest.raises(ProgsaeError) as e:
+            c.encode(xb, model="big")
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "8192 tokens" in e.value.details
+        assert "64 MiB" in e.value.details
+        assert c.encode(xb[:64], model="big").codes.tokens == 64  # the replica keeps serving
+    assert dict(replicas()) == before  # no replica restarted

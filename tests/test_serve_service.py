@@ -293,3 +293,30 @@ def test_service_errors_cross_process_boundaries_whole():
     e = pickle.loads(pickle.dumps(ServiceError(Status.FAILED_PRECONDITION, "language model 'x' unavailable")))
     assert isinstance(e, ServiceError) and e.status is Status.FAILED_PRECONDITION
     assert e.message == "language model 'x' unavailable"
+
+
+def test_admission_refuses_what_would_not_fit_and_keeps_serving(root, x):
+    """A call priced above the server's memory budget is refused before it runs, with the numbers;
+    a model not loaded yet is priced with its weights; smaller calls are served as before."""
+    from progsae.server import admission
+
+    m = Registry(RegistryConfig(root=str(root))).card(Registry(RegistryConfig(root=str(root))).resolve("wide")).meta
+    small = admission.working_bytes(admission.Shape(4, m.d_in, m.d_sae, m.k, True))
+    big_rows = 1024
+    big = admission.working_bytes(admission.Shape(big_rows, m.d_in, m.d_sae, m.k, True))
+    weights = admission.weight_bytes(m.d_in, m.d_sae)
+    budget = small + weights + 1  # fits the small call with its load, not the large one
+    assert big > budget
+    with PlainServer(RegistryConfig(root=str(root)), ServiceConfig(limits=LIMITS, memory_bytes=budget)) as srv, \
+            Client(srv.address) as c:
+        xb = np.random.default_rng(0).standard_normal((big_rows, m.d_in)).astype(np.float32)
+        with pytest.raises(ProgsaeError) as e:
+            c.encode(xb, model="wide")
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{big_rows} tokens" in e.value.details and "MiB" in e.value.details and "to load" in e.value.details
+        assert srv.registry.loaded() == []  # refused before the model was loaded
+        assert c.encode(xb[:4], model="wide").codes.tokens == 4
+        with pytest.raises(ProgsaeError) as e:
+            list(c.stream(xb, model="wide"))
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "to load" not in e.value.details
+        assert c.stats().streams_started == 0

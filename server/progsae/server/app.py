@@ -78,7 +78,8 @@ class Codec:
         self.registry = Registry(RegistryConfig(root=c.checkpoint_root, models=tuple(c.models),
                                                 default_model=c.default_model, device=c.device))
         self.service = CodecService(
-            ServiceConfig(limits=c.limits, torch_threads=c.torch_threads, compute_threads=c.compute_threads),
+            ServiceConfig(limits=c.limits, torch_threads=c.torch_threads, compute_threads=c.compute_threads,
+                          memory_bytes=c.replica_memory_bytes),
             Stats(RayServeSink()), text_available=self._text_available)
         self.lm = lm if c.text else None
         self.servicer = ProgsaeServicer(self.registry, self.service,

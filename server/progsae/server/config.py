@@ -55,6 +55,10 @@ class AppConfig:
     """torch threads per codec replica (Ray sets 1 by default for 0-CPU actors)."""
     compute_threads: int = 2
     """Threads per codec replica that run torch work off its event loop (see ServiceConfig)."""
+    replica_memory_bytes: int = 0
+    """Most memory one call may need on a codec replica (ServiceConfig.memory_bytes): larger calls are
+    refused with RESOURCE_EXHAUSTED before they run. 0 = half of what the replica may use, over
+    compute_threads; -1 = no check."""
     direct_grpc_port: int = 0
     """If set, every codec replica also serves progsae.v1 (plus health and reflection) on its own grpc.aio
     server at this port, bound with SO_REUSEPORT so that the replicas of a node share it and the kernel

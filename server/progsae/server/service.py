@@ -39,6 +39,10 @@ class ServiceConfig:
     compute_threads: int = 2
     """Threads that run torch work off the event loop (encode, decode, rungs): calls beyond this many
     wait their turn while the loop keeps answering health, metadata and other streams."""
+    memory_bytes: int = 0
+    """Most memory one call may need, its model's weights included when not loaded yet; a call priced
+    above it is refused with RESOURCE_EXHAUSTED before it runs (progsae.server.admission). 0 = half the
+    memory this process may use, over `compute_threads`; -1 = no check."""
 
 
 class CodecService:

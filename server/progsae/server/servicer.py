@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from progsae.v1 import progsae_pb2 as pb
 
 from . import auth, stream, validate
+from .admission import Admission, Shape, default_budget
 from .call import Call
 from .errors import ServiceError, Status, invalid
 from .health import HEALTH_NAME, SERVICE_NAME, Health
@@ -85,6 +86,8 @@ class ProgsaeServicer:
         self.text_enabled = text_enabled
         self._loaded = loaded or registry.loaded
         self.health = Health()
+        budget = service.config.memory_bytes
+        self.admission = Admission(default_budget(service.config.compute_threads) if budget == 0 else budget)
         self.reflection = reflection.ReflectionServicer((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME))
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
@@ -115,8 +118,16 @@ class ProgsaeServicer:
         self.service.stats.count("resolve")
         return spec
 
-    async def model(self, field: str, call: Call) -> ServedModel:
-        return await self._load(self.resolve(field, call))
+    async def model(self, field: str, call: Call, method: str = "", tokens: int = 0,
+                    encodes: bool = False) -> ServedModel:
+        """The call's model, loaded; a call of `tokens` tokens is priced first (admission) and refused
+        when it would not fit the replica's memory."""
+        spec = self.resolve(field, call)
+        if tokens > 0:
+            m = self.registry.card(spec).meta
+            self.admission.check(method, spec.id, Shape(tokens, m.d_in, m.d_sae, m.k, encodes),
+                                 loaded=spec.id in self._loaded())
+        return await self._load(spec)
 
     async def unary(self, method: str, field: str, call: Call, body: Callable[[], Awaitable[T]], empty: T) -> T:
         """Run one unary call: auth, metrics, status mapping. `empty` answers a failed call on a host
@@ -182,20 +193,24 @@ class ProgsaeServicer:
 
     async def Encode(self, request: pb.EncodeRequest, call: Call) -> pb.EncodeResponse:
         async def body():
-            return await self._encode(await self.model(request.model_id, call), request)
+            model = await self.model(request.model_id, call, "Encode", _rows(request.activations), encodes=True)
+            return await self._encode(model, request)
 
         return await self.unary("Encode", request.model_id, call, body, pb.EncodeResponse())
 
     async def DecodeAtGranularity(self, request: pb.DecodeRequest, call: Call) -> pb.DecodeResponse:
         async def body():
-            return await self.compute(self.service.decode_at, await self.model(request.model_id, call), request)
+            model = await self.model(request.model_id, call, "DecodeAtGranularity", _code_rows(request.codes))
+            return await self.compute(self.service.decode_at, model, request)
 
         return await self.unary("DecodeAtGranularity", request.model_id, call, body, pb.DecodeResponse())
 
     def StreamDecode(self, request: pb.StreamDecodeRequest,
                      call: Call) -> AsyncGenerator[pb.StreamDecodeResponse, None]:
         async def body(expired: Callable[[], bool], t0: float):
-            model = await self.model(request.model_id, call)
+            encodes = request.WhichOneof("input") == "activations"
+            rows = _rows(request.activations) if encodes else _code_rows(request.codes)
+            model = await self.model(request.model_id, call, "StreamDecode", rows, encodes)
             rungs = self._off_loop(self.service.stream, model, request, expired, t0)
             try:
                 async for msg in rungs:
@@ -207,7 +222,7 @@ class ProgsaeServicer:
 
     async def EncodeText(self, request: pb.EncodeTextRequest, call: Call) -> pb.EncodeTextResponse:
         async def body():
-            model = await self.model(request.model_id, call)
+            model = await self.model(request.model_id, call, "EncodeText", self._text_tokens(request.max_tokens), True)
             ta = await self.run_text(model, request.text, request.max_tokens)
             return await self.compute(self.service.encode_text_response, model, ta, request.packed_codes)
 
@@ -247,7 +262,7 @@ class ProgsaeServicer:
         if not model.meta.model or model.meta.layer is None:
             raise ServiceError(Status.FAILED_PRECONDITION,
                                f"model {model.id} names no language model and layer; text needs both")
-        n = min(max_tokens or limits.max_text_tokens, limits.max_text_tokens)
+        n = self._text_tokens(max_tokens)
         self.service.stats.count("lm")
         return await self._text(model.meta.model, int(model.meta.layer), text, n)
 
@@ -260,7 +275,12 @@ class ProgsaeServicer:
         counts from the call's start, the language model included: when nothing is left for a rung,
         the stream ends with none."""
         async def body(expired: Callable[[], bool], t0: float):
-            model = await self.model(request.model_id, call)
+            if text is not None:
+                model = await self.model(request.model_id, call, "StreamText", self._text_tokens(max_tokens), True)
+            else:
+                encodes = request.WhichOneof("input") == "activations"
+                rows = _rows(request.activations) if encodes else _code_rows(request.codes)
+                model = await self.model(request.model_id, call, "StreamEvents", rows, encodes)
             ta = None
             if text is not None:
                 ta = await self.run_text(model, text, max_tokens)
@@ -274,6 +294,11 @@ class ProgsaeServicer:
                 await events.aclose()
 
         return self.streaming("StreamText" if text is not None else "StreamEvents", request.model_id, call, body)
+
+    def _text_tokens(self, max_tokens: int) -> int:
+        """Most tokens a text call runs (its own cap, within the server's)."""
+        limit = self.service.limits.max_text_tokens
+        return min(max_tokens or limit, limit)
 
     def _plan(self, model: ServedModel, request: pb.StreamDecodeRequest, ta: TextActivations | None
               ) -> validate.StreamPlan:
@@ -292,6 +317,16 @@ class ProgsaeServicer:
             # typeshed wants a context; grpc_reflection's servicer never reads it
             for resp in self.reflection.ServerReflectionInfo(iter([req]), None):  # pyright: ignore[reportArgumentType]
                 yield resp
+
+
+def _rows(t: pb.Tensor) -> int:
+    """Tokens of an [N, d_in] tensor message, from its shape alone (validation checks it later)."""
+    return int(t.shape[0]) if len(t.shape) == 2 and t.shape[0] > 0 else 0
+
+
+def _code_rows(c: pb.SparseCodes) -> int:
+    """Tokens of a SparseCodes message, from its offsets alone."""
+    return max(len(c.offsets), len(c.packed_offsets) // 8) - 1
 
 
 def _is_end(item: Any) -> bool:
