@@ -17,7 +17,7 @@ from progsae.sae import checkpoint, feature_cards, metrics
 from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE
 from progsae.trainer import features
-from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
+from progsae.trainer.data.activations import ActivationCache, CacheWriter, Manifest
 from progsae.trainer.features import LogitLens
 
 LM, LAYER, CONTEXT = "smollm2-135m", 20, 33

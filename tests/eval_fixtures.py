@@ -10,7 +10,7 @@ import torch
 from progsae.sae import checkpoint
 from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE
-from progsae.trainer.activations import CacheWriter, Manifest
+from progsae.trainer.data.activations import CacheWriter, Manifest
 
 D, M, K = 32, 64, 4
 LADDER = (8, 16, 32, 64)

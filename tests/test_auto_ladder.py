@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from progsae.cli import main
 from progsae.sae import checkpoint
 from progsae.sae.ladders import area_under_steps, equal_share_ladder, power_law_curve
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.auto_ladder import choose, parse_auto
-from progsae.trainer.outliers import DEFAULT
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.data.outlier_policy import DEFAULT
+from progsae.trainer.evaluation.auto_ladder import choose, parse_auto
 from tests import eval_fixtures as fx
 
 
@@ -125,8 +125,8 @@ def test_order_ladder_auto_stores_the_served_ladder(world, tmp_path, capsys, whi
 
 
 def test_train_auto_ladder_stores_the_ladder_and_keeps_the_trained_groups(tmp_path):
-    from progsae.trainer.config import TrainConfig
-    from progsae.trainer.train import train
+    from progsae.trainer.training.config import TrainConfig
+    from progsae.trainer.training.train import train
     from tests.test_train_resume import make_cache
 
     cache = make_cache(tmp_path / "acts", n=600)

@@ -14,8 +14,8 @@ import pytest
 from progsae.cli import build_parser, main
 from progsae.cli.main import COMMANDS
 from progsae.clients.flags import Parser, add_dataclass, field_docs
-from progsae.trainer import outliers
-from progsae.trainer.outliers import DEFAULT, KEEP_ALL, OutlierPolicy
+from progsae.trainer.data import outlier_policy
+from progsae.trainer.data.outlier_policy import DEFAULT, KEEP_ALL, OutlierPolicy
 
 
 @dataclass
@@ -172,20 +172,20 @@ def test_outlier_policy_records_and_inherits():
         return CheckpointMeta(architecture="topk", d_in=4, d_sae=8, k=2, granularities=(4, 8), scale=1.0,
                               extra=extra)
 
-    assert DEFAULT.factor == outliers.DEFAULT_FACTOR == 10.0 and str(DEFAULT) == "10" and str(KEEP_ALL) == "off"
+    assert DEFAULT.factor == outlier_policy.DEFAULT_FACTOR == 10.0 and str(DEFAULT) == "10" and str(KEEP_ALL) == "off"
     assert KEEP_ALL.threshold(3.0) == float("inf") and OutlierPolicy(2).threshold(3.0) == 6.0
     assert OutlierPolicy.from_record(None) is KEEP_ALL and OutlierPolicy.from_record(3) == OutlierPolicy(3.0)
-    assert outliers.trained_with(meta({})) == DEFAULT  # e.g. SAELens: nothing recorded
-    assert outliers.trained_with(meta({"train_config": {"outlier_factor": 3.0}})) == OutlierPolicy(3.0)
-    assert outliers.trained_with(meta({"train_config": {"outlier_factor": None}})) == KEEP_ALL
-    assert outliers.resolve(None, meta({"outlier_factor": 2.0})) == OutlierPolicy(2.0)
-    assert outliers.resolve(KEEP_ALL, meta({"outlier_factor": 2.0})) == KEEP_ALL
+    assert outlier_policy.trained_with(meta({})) == DEFAULT  # e.g. SAELens: nothing recorded
+    assert outlier_policy.trained_with(meta({"train_config": {"outlier_factor": 3.0}})) == OutlierPolicy(3.0)
+    assert outlier_policy.trained_with(meta({"train_config": {"outlier_factor": None}})) == KEEP_ALL
+    assert outlier_policy.resolve(None, meta({"outlier_factor": 2.0})) == OutlierPolicy(2.0)
+    assert outlier_policy.resolve(KEEP_ALL, meta({"outlier_factor": 2.0})) == KEEP_ALL
     with pytest.raises(ValueError, match="outlier_factor=-1"):
-        outliers.trained_with(meta({"outlier_factor": -1}))
+        outlier_policy.trained_with(meta({"outlier_factor": -1}))
 
 
 def test_train_config_records_a_float_or_null():
-    from progsae.trainer.config import TrainConfig
+    from progsae.trainer.training.config import TrainConfig
 
     cfg = TrainConfig(d_sae=32, k=4, outlier_factor=OutlierPolicy(3))
     assert cfg.to_dict()["outlier_factor"] == 3.0

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from progsae import cli
 from progsae.sae import checkpoint
 from progsae.sae.devices import check_device, resolve_device
-from progsae.trainer.sparse_topk import topk_encode
-from progsae.trainer.train import train
+from progsae.trainer.training.sparse_topk import topk_encode
+from progsae.trainer.training.train import train
 from tests.test_train_resume import make_cache, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,7 +152,7 @@ def test_serving_config_checks_the_device_spelling():
 
 
 def test_eval_on_a_named_device(cache, tmp_path):
-    from progsae.trainer.evaluate import EvalConfig, evaluate
+    from progsae.trainer.evaluation.evaluate import EvalConfig, evaluate
 
     out = train(tiny(tokens=32 * 20), cache, tmp_path / "ck", progress=False)
     cfg = dict(ordering="none", rsa_tokens=64, max_tokens=600, progress=False)
@@ -168,8 +168,8 @@ def test_eval_on_a_named_device(cache, tmp_path):
 def test_features_on_a_named_device(tmp_path, capsys):
     from progsae.server import testing
     from progsae.trainer import features
-    from progsae.trainer.activations import ActivationCache
-    from progsae.trainer.outliers import KEEP_ALL
+    from progsae.trainer.data.activations import ActivationCache
+    from progsae.trainer.data.outlier_policy import KEEP_ALL
     from tests.test_features import D, K, M
     from tests.test_features import make_cache as make_token_cache
 

@@ -12,10 +12,10 @@ import torch
 from progsae.cli import main
 from progsae.sae import checkpoint
 from progsae.sae.metrics import FVUAccumulator, rsa
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.eval_types import CEBaseline, RungMetrics
-from progsae.trainer.evaluate import EvalConfig, evaluate, format_table, save_result
-from progsae.trainer.outliers import DEFAULT, KEEP_ALL
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.data.outlier_policy import DEFAULT, KEEP_ALL
+from progsae.trainer.evaluation.evaluate import EvalConfig, evaluate, format_table, save_result
+from progsae.trainer.evaluation.results import CEBaseline, RungMetrics
 from tests import eval_fixtures as fx
 
 
@@ -161,7 +161,7 @@ def perfect_sae():
 def tiny_llama_cache(model, layer: int, n_ctx: int, out: Path) -> torch.Tensor:
     """A held-out cache of n_ctx random contexts through `model` at `layer`; returns their token ids."""
     from progsae.lm.models import hidden_at_layer
-    from progsae.trainer.activations import CacheWriter, Manifest
+    from progsae.trainer.data.activations import CacheWriter, Manifest
 
     ids = torch.from_numpy(np.random.default_rng(0).integers(2, fx.VOCAB, size=(n_ctx, fx.CONTEXT)))
     ids[:, 0] = fx.BOS

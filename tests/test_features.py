@@ -13,8 +13,8 @@ from progsae.cli import main
 from progsae.sae import checkpoint, feature_cards
 from progsae.server import testing
 from progsae.trainer import features
-from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
-from progsae.trainer.outliers import KEEP_ALL
+from progsae.trainer.data.activations import ActivationCache, CacheWriter, Manifest
+from progsae.trainer.data.outlier_policy import KEEP_ALL
 
 D, M, K, CONTEXT, N_CTX = 32, 256, 8, 17, 24
 

@@ -12,9 +12,10 @@ from progsae.cli import main
 from progsae.lm.models import hidden_at_layer, load_model
 from progsae.sae import checkpoint, feature_cards
 from progsae.server import testing
-from progsae.trainer import features, outliers, text_cache
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.outliers import KEEP_ALL
+from progsae.trainer import features
+from progsae.trainer.data import outlier_policy, text_cache
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.data.outlier_policy import KEEP_ALL
 
 LM, LAYER = "smollm2-135m", 3
 DOCS = ["The cat sat on the mat because it was warm.", "Paris is the capital of France.",
@@ -55,7 +56,7 @@ def test_cli_texts_builds_cards_from_raw_text(lm, tmp_path, capsys):
     # the same cards as computing them by hand over the text cache
     made = text_cache.build(lm, DOCS, LAYER, tmp_path / "cache")
     assert made.manifest.n_tokens == n_tokens
-    cache = ActivationCache(tmp_path / "cache", outliers=outliers.resolve(None, checkpoint.load_meta(ck)))
+    cache = ActivationCache(tmp_path / "cache", outliers=outlier_policy.resolve(None, checkpoint.load_meta(ck)))
     want = features.compute(checkpoint.load(ck).sae, cache,
                             features.FeatureConfig(top_n=2, window=2, promoted=3, progress=False))
     assert cards.info["tokens"] == want.info["tokens"] == len(cache) > n_tokens * 0.8

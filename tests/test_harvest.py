@@ -19,9 +19,9 @@ import torch
 
 from progsae.lm import models as M
 from progsae.server.testing import free_port
-from progsae.trainer import corpora as C
-from progsae.trainer import harvest as H
-from progsae.trainer.activations import ActivationCache, CacheError, Manifest
+from progsae.trainer.data import corpora as C
+from progsae.trainer.data import harvest as H
+from progsae.trainer.data.activations import ActivationCache, CacheError, Manifest
 
 SMALL = dict(corpus="wikipedia,chitchat", split="heldout", context=16, batch=4, threads=1, progress=False)
 
@@ -254,7 +254,7 @@ def test_cli_one_line_error(capsys) -> None:
 def test_disk_full_midway_keeps_whole_shards_and_resumes(lm, reference, tmp_path, monkeypatch) -> None:
     import errno
 
-    from progsae.trainer import activations as A
+    from progsae.trainer.data import activations as A
 
     real, calls = A._atomic_npy, []
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from progsae.lm import models as M
-from progsae.trainer import harvest as H
-from progsae.trainer.activations import Manifest
+from progsae.trainer.data import harvest as H
+from progsae.trainer.data.activations import Manifest
 from tests.ray_cluster import RayCluster, wait_for
 
 SHARDS, PER_SHARD = 8, 32

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from progsae.cli import main
-from progsae.trainer import interp_absorption as ab
-from progsae.trainer import interp_simulation as sim
-from progsae.trainer import interp_splitting as spl
-from progsae.trainer.interp import INTERP, InterpConfig, InterpResult, interp, load_result
+from progsae.trainer.interp import absorption as ab
+from progsae.trainer.interp import simulation as sim
+from progsae.trainer.interp import splitting as spl
+from progsae.trainer.interp.measure import INTERP, InterpConfig, InterpResult, interp, load_result
 from tests import eval_fixtures as fx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,7 +223,7 @@ def test_pruned_topk_interpretability_per_latent_does_not_depend_on_its_index(tm
 
 
 def test_interp_needs_token_ids(tmp_path, capsys):
-    from progsae.trainer.activations import CacheWriter, Manifest
+    from progsae.trainer.data.activations import CacheWriter, Manifest
 
     w = CacheWriter(tmp_path / "acts", Manifest(model="synthetic", layer=1, d_model=fx.D, corpus=["s"],
                                                 split="heldout", context=fx.CONTEXT, target_tokens=64))
@@ -240,8 +240,8 @@ def test_interp_needs_token_ids(tmp_path, capsys):
 
 
 def test_report_renders_interp_tables_and_a_figure_per_measure(tmp_path):
-    from progsae.trainer.evaluate import EvalConfig, evaluate, save_result
-    from progsae.trainer.interp import save_result as save_interp
+    from progsae.trainer.evaluation.evaluate import EvalConfig, evaluate, save_result
+    from progsae.trainer.interp.measure import save_result as save_interp
 
     acts = fx.make_cache(tmp_path / "acts", n_contexts=160)
     topk, mat = fx.make_checkpoints(tmp_path)
@@ -262,7 +262,7 @@ def test_report_renders_interp_tables_and_a_figure_per_measure(tmp_path):
 
 
 def test_report_interp_claims_resolve_only_beyond_two_standard_errors():
-    from progsae.trainer.report_interp import InterpVariant, claims
+    from progsae.trainer.report.interp_section import InterpVariant, claims
 
     def v(label, sim, se):
         return InterpVariant(label, label, [8, 16], {"simulation": sim}, {"simulation": se})

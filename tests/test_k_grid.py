@@ -11,10 +11,10 @@ from progsae.cli import main
 from progsae.sae import checkpoint
 from progsae.sae.codec import topk_prefix
 from progsae.sae.metrics import FVUAccumulator
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.evaluate import EvalConfig, evaluate
-from progsae.trainer.k_grid import GridPoint, KGridResult, area_under, evaluate_grid, fvu_at_cost, pareto
-from progsae.trainer.outliers import DEFAULT
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.data.outlier_policy import DEFAULT
+from progsae.trainer.evaluation.evaluate import EvalConfig, evaluate
+from progsae.trainer.evaluation.k_grid import GridPoint, KGridResult, area_under, evaluate_grid, fvu_at_cost, pareto
 from tests import eval_fixtures as fx
 from tests.test_eval import perfect_sae, tiny_llama, tiny_llama_cache
 
@@ -106,7 +106,7 @@ def test_grid_ce_through_tiny_llama(tmp_path):
 
 
 def test_report_draws_the_cost_figure(world, tmp_path):
-    from progsae.trainer import report_plots
+    from progsae.trainer.report import plots as report_plots
 
     r = evaluate_grid(world["mat"], world["acts"], KG)
     f = report_plots.k_grid_figure([("mat", r)], tmp_path)

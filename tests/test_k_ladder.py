@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from progsae.sae import checkpoint
 from progsae.sae.codec import Codes, topk_prefix
 from progsae.sae.metrics import fvu as batch_fvu
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.config import TrainConfig
-from progsae.trainer.losses import band_partials, forward, rank_partials, total_variance
-from progsae.trainer.sparse_topk import topk_encode, topk_encode_dense
-from progsae.trainer.train import train
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.training.config import TrainConfig
+from progsae.trainer.training.losses import band_partials, forward, rank_partials, total_variance
+from progsae.trainer.training.sparse_topk import topk_encode, topk_encode_dense
+from progsae.trainer.training.train import train
 from tests.test_train_losses import LADDER, batch, grads, make_sae
 from tests.test_train_resume import make_cache
 

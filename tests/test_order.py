@@ -14,7 +14,7 @@ from progsae import cli
 from progsae.sae import checkpoint
 from progsae.sae.checkpoint import CheckpointMeta
 from progsae.sae.ordering import ImportanceAccumulator
-from progsae.trainer.activations import ActivationCache
+from progsae.trainer.data.activations import ActivationCache
 
 D, M = 8, 64
 

@@ -10,9 +10,11 @@ import numpy as np
 from progsae.cli import main
 from progsae.sae import checkpoint
 from progsae.sae.metrics import ce_loss_recovered
-from progsae.trainer.eval_types import CEBaseline
-from progsae.trainer.evaluate import EvalConfig, evaluate, save_result
-from progsae.trainer.report import CheckpointInfo, Variant, claims, load_all, metric_tables
+from progsae.trainer.evaluation.evaluate import EvalConfig, evaluate, save_result
+from progsae.trainer.evaluation.results import CEBaseline
+from progsae.trainer.report.claims import claims
+from progsae.trainer.report.curves import CheckpointInfo, Curve, load_all
+from progsae.trainer.report.write import metric_tables
 from tests import eval_fixtures as fx
 
 
@@ -63,13 +65,13 @@ def _baseline(contexts: list[int] | None = None) -> CEBaseline:
 
 
 def _variant(label: str, arch: str, ordering: str, ckpt: str, base: CEBaseline, sums: np.ndarray,
-             per_context: bool = True) -> Variant:
+             per_context: bool = True) -> Curve:
     c, z, s = (float(np.sum(v)) for v in (base.clean_sums, base.zero_sums, sums))
     rung = {"g": 8, "ce": s / base.n_tokens, "ce_recovered": ce_loss_recovered(c, z, s), "ce_recovered_se": 0.01}
     if per_context:
         rung["ce_context_sums"] = sums.tolist()
     top = {"g": 16, "ce_recovered": 1.0}
-    return Variant(label, arch, ordering, ckpt, [8, 16], [rung, top], None, [], [])
+    return Curve(label, arch, ordering, ckpt, [8, 16], [rung, top], None, [], [])
 
 
 def _info(path: str, arch: str, base: CEBaseline) -> CheckpointInfo:

@@ -314,7 +314,7 @@ def test_admission_refuses_what_would_not_fit_and_keeps_serving(root, x):
             c.encode(xb, model="wide")
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"{big_rows} tokens" in e.value.details and "MiB" in e.value.details and "to load" in e.value.details
-        assert srv.registry.loaded() == []  # refused before the model was loaded
+        assert srv.registry.loaded() == {}  # refused before the model was loaded
         assert c.encode(xb[:4], model="wide").codes.tokens == 4
         with pytest.raises(ProgsaeError) as e:
             list(c.stream(xb, model="wide"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from progsae.trainer.config import TrainConfig
-from progsae.trainer.dead_latents import DeadTracker
-from progsae.trainer.losses import (
+from progsae.trainer.training.config import TrainConfig
+from progsae.trainer.training.dead_latents import DeadTracker
+from progsae.trainer.training.losses import (
     TrainableSAE,
     auxk_loss,
     band_partials,
@@ -19,8 +19,8 @@ from progsae.trainer.losses import (
     prefix_sse,
     total_variance,
 )
-from progsae.trainer.sae_init import geometric_median, init_b_dec, norm_scale
-from progsae.trainer.sparse_topk import topk_encode, topk_encode_dense
+from progsae.trainer.training.sae_init import geometric_median, init_b_dec, norm_scale
+from progsae.trainer.training.sparse_topk import topk_encode, topk_encode_dense
 
 D, M, K, B = 8, 32, 4, 64
 

@@ -17,10 +17,10 @@ import torch
 
 from progsae import cli
 from progsae.sae import checkpoint, metrics
-from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
-from progsae.trainer.config import TrainConfig
-from progsae.trainer.train import train
-from progsae.trainer.train_state import state_dir
+from progsae.trainer.data.activations import ActivationCache, CacheWriter, Manifest
+from progsae.trainer.training.config import TrainConfig
+from progsae.trainer.training.train import train
+from progsae.trainer.training.train_state import state_dir
 
 D = 8
 

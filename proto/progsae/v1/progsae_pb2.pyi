@@ -351,8 +351,15 @@ class ServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("replica", "streams_started", "streams_completed", "streams_cancelled", "rungs_computed", "requests", "loaded_models")
+    __slots__ = ("replica", "streams_started", "streams_completed", "streams_cancelled", "rungs_computed", "requests", "loaded_models", "work", "loaded_bytes")
     class RequestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class WorkEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +373,8 @@ class ServerStats(_message.Message):
     RUNGS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    WORK_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     replica: str
     streams_started: int
     streams_completed: int
@@ -373,4 +382,6 @@ class ServerStats(_message.Message):
     rungs_computed: int
     requests: _containers.ScalarMap[str, int]
     loaded_models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, replica: _Optional[str] = ..., streams_started: _Optional[int] = ..., streams_completed: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., rungs_computed: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., loaded_models: _Optional[_Iterable[str]] = ...) -> None: ...
+    work: _containers.ScalarMap[str, int]
+    loaded_bytes: int
+    def __init__(self, replica: _Optional[str] = ..., streams_started: _Optional[int] = ..., streams_completed: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., rungs_computed: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., work: _Optional[_Mapping[str, int]] = ..., loaded_bytes: _Optional[int] = ...) -> None: ...

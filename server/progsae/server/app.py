@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from progsae.v1 import progsae_pb2 as pb
 
-from . import auth, autoscaling, http_api, http_host
+from . import admission, auth, autoscaling, http_api, http_host, placement
 from . import text as textmod
 from .call import RayCall
 from .config import AppConfig
@@ -43,8 +43,9 @@ GRPC_SERVICER_FUNCTIONS = [
     "grpc_reflection.v1alpha.reflection_pb2_grpc.add_ServerReflectionServicer_to_server",
 ]
 log = logging.getLogger("ray.serve")
-MODELS_PER_REPLICA = int(os.environ.get("PROGSAE_MODELS_PER_REPLICA", "4"))
-"""LRU size of serve.multiplexed (fixed when the class is defined: set the env var in runtime_env)."""
+MODELS_PER_REPLICA = int(os.environ.get("PROGSAE_MODELS_PER_REPLICA", "-1"))
+"""A count cap on serve.multiplexed's LRU besides its byte budget (AppConfig.model_memory_bytes); -1 = none
+(fixed when the class is defined: set the env var in runtime_env)."""
 
 
 @serve.deployment(name="LanguageModel", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4)
@@ -82,8 +83,10 @@ class Codec:
                           memory_bytes=c.replica_memory_bytes),
             Stats(RayServeSink()), text_available=self._text_available)
         self.lm = lm if c.text else None
+        self.model_budget = c.model_memory_bytes or admission.available_bytes() // 4
+        forward = placement.HandleForwarder(self._self_handle, self.loaded) if c.forward_direct_calls else None
         self.servicer = ProgsaeServicer(self.registry, self.service,
-                                        token=auth.resolve_token(c.auth_token, c.auth_token_env),
+                                        token=auth.resolve_token(c.auth_token, c.auth_token_env), forward=forward,
                                         # Ray leaves serve.multiplexed's result unannotated (pyright misreads it)
                                         load=lambda spec: self._load(spec.id),  # pyright: ignore[reportCallIssue]
                                         encode=self._encode,
@@ -92,6 +95,7 @@ class Codec:
         self._encode_batch.set_max_batch_size(c.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue]
         self._encode_batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
         self._encodes_in_flight = 0
+        self._handle: DeploymentHandle | None = None
         http_host.host(self.servicer, http_api.api)
         self._direct = None
         if c.direct_grpc_port:
@@ -124,12 +128,38 @@ class Codec:
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def _load(self, model_id: str) -> ServedModel:
-        """Load off the event loop (reading and hashing a large checkpoint takes seconds)."""
-        return await asyncio.to_thread(self.registry.load, self.registry.resolve(model_id))
+        """Make room in the byte budget, then load off the event loop (reading and hashing a large
+        checkpoint takes seconds). Serve keys its LRU by id; the id resolves from the registry's cache."""
+        spec = self.registry.resolve(model_id)
+        m = self.registry.card(spec).meta
+        await placement.make_room(getattr(self, "__serve_multiplex_wrapper"), admission.weight_bytes(m.d_in, m.d_sae),
+                                  self.model_budget, spec.id)
+        return await asyncio.to_thread(self.registry.load, spec)
 
-    def loaded(self) -> list[str]:
+    def _self_handle(self) -> DeploymentHandle:
+        """This deployment's handle (made on first use, inside the replica)."""
+        if self._handle is None:
+            ctx = serve.get_replica_context()
+            self._handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        return self._handle
+
+    # --- calls another replica sent on (progsae.server.placement) ---------------------------------
+
+    async def forwarded(self, method: str, request: Any, timeout_s: float | None) -> Any:
+        return await getattr(self.servicer, method)(request, placement.ForwardedCall(timeout_s))
+
+    async def forwarded_stream(self, method: str, request: Any, timeout_s: float | None):
+        stream = getattr(self.servicer, method)(request, placement.ForwardedCall(timeout_s))
+        try:
+            async for msg in stream:
+                yield msg
+        finally:
+            await stream.aclose()
+
+    def loaded(self) -> dict[str, ServedModel]:
+        """The models this replica holds (serve.multiplexed's LRU), by id."""
         wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        return list(wrapper.models) if wrapper is not None else []
+        return dict(wrapper.models) if wrapper is not None else {}
 
     # Several batches may be in flight (the compute pool bounds what runs at once): a small Encode
     # then runs beside a large one instead of queueing behind it.

@@ -37,6 +37,8 @@ class Call:
     """How the call reached this process: "direct" (a grpc.aio port: the replica's own, or a plain
     server), "proxy" (Serve's gRPC proxy), "http" (Serve's HTTP proxy). Serve counts the last two for
     its autoscaler; the replica reports the first itself (progsae.server.autoscaling)."""
+    trusted = False
+    """True for a call another replica of the deployment authorised already (progsae.server.placement)."""
 
     def __init__(self, metadata: Iterable[tuple[str, str]] = ()):
         self._metadata = {k.lower(): v for k, v in metadata}

@@ -100,6 +100,12 @@ class ServedModel:
     def d_sae(self) -> int:
         return self.card.meta.d_sae
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its weights (what holding it costs)."""
+        sae = self.sae
+        return sum(t.numel() * t.element_size() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec))
+
 
 @dataclass(frozen=True)
 class RegistryConfig:
@@ -135,6 +141,8 @@ class Registry:
         self._cache: OrderedDict[str, ServedModel] = OrderedDict()
         self._resolved: dict[str, ModelRef] = {}
         self._lock = threading.Lock()
+        self.loads = 0
+        """Checkpoints loaded (`load`), cached or not."""
         self.device = resolve_device(config.device)
         names = self.names()
         if not names:
@@ -221,6 +229,7 @@ class Registry:
             raise not_found(f"model {spec.id!r} is not loadable: {e}") from None
         card = ModelCard(spec, ck.meta, tuple(ck.orderings), _summary(ck.metrics))
         self._cards[spec.id] = card
+        self.loads += 1
         return ServedModel(card, ck.sae.to(device=self.device, dtype=torch.float32))
 
     def card(self, spec: ModelRef) -> ModelCard:
@@ -251,9 +260,10 @@ class Registry:
                 self._cache.popitem(last=False)
         return served
 
-    def loaded(self) -> list[str]:
+    def loaded(self) -> dict[str, ServedModel]:
+        """The models this process holds, by id, least recently used first."""
         with self._lock:
-            return list(self._cache)
+            return dict(self._cache)
 
 
 def _summary(metrics: Any) -> dict[str, Any]:

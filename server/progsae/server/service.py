@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -213,12 +213,14 @@ class CodecService:
             k_ladder=[int(v) for v in m.extra.get("k_ladder") or ()],
         )
 
-    def server_stats(self, loaded: Sequence[str]) -> pb.ServerStats:
+    def server_stats(self, loaded: Mapping[str, ServedModel], loads: int = 0) -> pb.ServerStats:
+        """This process's counters; `loaded`: the models it holds, `loads`: checkpoints it has loaded."""
         s = self.stats
         return pb.ServerStats(
             replica=s.replica, streams_started=s.streams_started, streams_completed=s.streams_completed,
             streams_cancelled=s.streams_cancelled, rungs_computed=s.rungs_computed,
-            requests=dict(s.requests), loaded_models=list(loaded),
+            requests=dict(s.requests), loaded_models=list(loaded), work={**s.work, "load": loads},
+            loaded_bytes=sum(m.nbytes for m in loaded.values()),
         )
 
     def text_activations(self, model: ServedModel, ta: TextActivations) -> torch.Tensor:

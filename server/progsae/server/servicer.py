@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +37,21 @@ T = TypeVar("T")
 Loader = Callable[[ModelRef], Awaitable[ServedModel]]
 TextRunner = Callable[[str, int, str, int], Awaitable[TextActivations]]
 _END = object()
+
+
+class Forwarder(Protocol):
+    """Where a call goes when its model is held by another replica (Ray: progsae.server.placement)."""
+
+    def wants(self, spec: ModelRef, call: Call) -> bool: ...
+    async def unary(self, method: str, request: Any, spec: ModelRef, call: Call) -> Any: ...
+    def stream(self, method: str, request: Any, spec: ModelRef, call: Call) -> AsyncGenerator[Any, None]: ...
+
+
+class Elsewhere(Exception):
+    """The call's model is held by another replica: the call is sent there (`Forwarder`)."""
+
+    def __init__(self, spec: ModelRef):
+        self.spec = spec
 
 
 class StreamRejected(Exception):
@@ -77,7 +92,7 @@ class ProgsaeServicer:
                  pool: Executor | None = None, load: Loader | None = None,
                  encode: Callable[[ServedModel, pb.EncodeRequest], Awaitable[pb.EncodeResponse]] | None = None,
                  text: TextRunner | None = None, text_enabled: bool = True,
-                 loaded: Callable[[], list[str]] | None = None):
+                 loaded: Callable[[], Mapping[str, ServedModel]] | None = None, forward: Forwarder | None = None):
         self.registry, self.service, self.token = registry, service, token
         self.pool = pool or ThreadPoolExecutor(max(1, service.config.compute_threads), thread_name_prefix="codec")
         self._load = load or (lambda spec: asyncio.to_thread(registry.get, spec))
@@ -85,6 +100,7 @@ class ProgsaeServicer:
         self._text = text or _local_text(TextBackend())
         self.text_enabled = text_enabled
         self._loaded = loaded or registry.loaded
+        self.forward = forward
         self.health = Health()
         budget = service.config.memory_bytes
         self.admission = Admission(default_budget(service.config.compute_threads) if budget == 0 else budget)
@@ -106,8 +122,10 @@ class ProgsaeServicer:
     # --- what every call goes through -----------------------------------------------------------
 
     def authorize(self, call: Call) -> None:
-        """UNAUTHENTICATED unless the call carries the bearer token (no-op when auth is off)."""
-        auth.check(call.authorization, self.token)
+        """UNAUTHENTICATED unless the call carries the bearer token (no-op when auth is off, and for a
+        call another replica authorised and sent on)."""
+        if not call.trusted:
+            auth.check(call.authorization, self.token)
 
     def resolve(self, field: str, call: Call) -> ModelRef:
         """The call's model: its field and/or the multiplexed_model_id metadata, which must agree."""
@@ -123,22 +141,30 @@ class ProgsaeServicer:
         """The call's model, loaded; a call of `tokens` tokens is priced first (admission) and refused
         when it would not fit the replica's memory."""
         spec = self.resolve(field, call)
+        if self.forward is not None and self.forward.wants(spec, call):
+            raise Elsewhere(spec)
         if tokens > 0:
             m = self.registry.card(spec).meta
             self.admission.check(method, spec.id, Shape(tokens, m.d_in, m.d_sae, m.k, encodes),
                                  loaded=spec.id in self._loaded())
         return await self._load(spec)
 
-    async def unary(self, method: str, field: str, call: Call, body: Callable[[], Awaitable[T]], empty: T) -> T:
-        """Run one unary call: auth, metrics, status mapping. `empty` answers a failed call on a host
-        whose `fail` does not raise (Ray's)."""
+    async def unary(self, method: str, field: str, call: Call, body: Callable[[], Awaitable[T]], empty: T,
+                    request: Any = None) -> T:
+        """Run one unary call: auth, metrics, status mapping; `request` is sent on as it is when its model
+        is held elsewhere. `empty` answers a failed call on a host whose `fail` does not raise (Ray's)."""
         label = call.label(method)
         stats = self.service.stats
         stats.enter(call.transport)
         try:
             with self.service.observe(label, field):
                 self.authorize(call)
-                out = await body()
+                try:
+                    out = await body()
+                except Elsewhere as e:
+                    assert self.forward is not None and request is not None  # only model() raises it
+                    stats.count("forward")
+                    out = await self.forward.unary(method, request, e.spec, call)
             size = getattr(out, "ByteSize", None)
             if size is not None:
                 stats.bytes_out(label, size())
@@ -150,10 +176,11 @@ class ProgsaeServicer:
             stats.leave(call.transport)
 
     async def streaming(self, method: str, field: str, call: Call,
-                        body: Callable[[Callable[[], bool], float], AsyncGenerator[T, None]]
-                        ) -> AsyncGenerator[T, None]:
+                        body: Callable[[Callable[[], bool], float], AsyncGenerator[T, None]],
+                        request: Any = None) -> AsyncGenerator[T, None]:
         """Run one streaming call: auth, metrics, status mapping, and DEADLINE_EXCEEDED when the
-        deadline stopped the stream before its end. `body(expired, t0)` yields the items."""
+        deadline stopped the stream before its end. `body(expired, t0)` yields the items; `request` is
+        sent on as it is when its model is held elsewhere."""
         label = call.label(method)
         t0 = time.perf_counter()
         items: AsyncGenerator[T, None] | None = None
@@ -163,7 +190,7 @@ class ProgsaeServicer:
                 self.authorize(call)
                 expired = call.expired(t0)
                 ended = False
-                items = body(expired, t0)
+                items = self._forwarding(body(expired, t0), method, request, call)
                 async for item in items:
                     size = getattr(item, "ByteSize", None)
                     if size is not None:
@@ -179,6 +206,27 @@ class ProgsaeServicer:
             self.service.stats.leave(call.transport)
             if items is not None:
                 await items.aclose()  # stops its computing at once (OffLoop.close)
+
+    async def _forwarding(self, items: AsyncGenerator[T, None], method: str, request: Any,
+                          call: Call) -> AsyncGenerator[T, None]:
+        """`items`, or, when the body finds its model held elsewhere (before its first item), the stream
+        of the replica that holds it."""
+        try:
+            async for item in items:
+                yield item
+            return
+        except Elsewhere as e:
+            elsewhere = e
+        finally:
+            await items.aclose()
+        assert self.forward is not None and request is not None  # only model() raises Elsewhere
+        self.service.stats.count("forward")
+        sent = self.forward.stream(method, request, elsewhere.spec, call)
+        try:
+            async for item in sent:
+                yield item
+        finally:
+            await sent.aclose()
 
     async def _off_loop(self, gen_fn: Callable[..., Generator[T, None, Any]], *args: Any) -> AsyncGenerator[T, None]:
         """Items of a sync generator built and advanced on the compute pool; it is closed when this is."""
@@ -196,14 +244,14 @@ class ProgsaeServicer:
             model = await self.model(request.model_id, call, "Encode", _rows(request.activations), encodes=True)
             return await self._encode(model, request)
 
-        return await self.unary("Encode", request.model_id, call, body, pb.EncodeResponse())
+        return await self.unary("Encode", request.model_id, call, body, pb.EncodeResponse(), request)
 
     async def DecodeAtGranularity(self, request: pb.DecodeRequest, call: Call) -> pb.DecodeResponse:
         async def body():
             model = await self.model(request.model_id, call, "DecodeAtGranularity", _code_rows(request.codes))
             return await self.compute(self.service.decode_at, model, request)
 
-        return await self.unary("DecodeAtGranularity", request.model_id, call, body, pb.DecodeResponse())
+        return await self.unary("DecodeAtGranularity", request.model_id, call, body, pb.DecodeResponse(), request)
 
     def StreamDecode(self, request: pb.StreamDecodeRequest,
                      call: Call) -> AsyncGenerator[pb.StreamDecodeResponse, None]:
@@ -218,7 +266,7 @@ class ProgsaeServicer:
             finally:
                 await rungs.aclose()
 
-        return self.streaming("StreamDecode", request.model_id, call, body)
+        return self.streaming("StreamDecode", request.model_id, call, body, request)
 
     async def EncodeText(self, request: pb.EncodeTextRequest, call: Call) -> pb.EncodeTextResponse:
         async def body():
@@ -226,7 +274,7 @@ class ProgsaeServicer:
             ta = await self.run_text(model, request.text, request.max_tokens)
             return await self.compute(self.service.encode_text_response, model, ta, request.packed_codes)
 
-        return await self.unary("EncodeText", request.model_id, call, body, pb.EncodeTextResponse())
+        return await self.unary("EncodeText", request.model_id, call, body, pb.EncodeTextResponse(), request)
 
     async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
         async def body():
@@ -243,7 +291,7 @@ class ProgsaeServicer:
 
     async def GetServerStats(self, request: pb.ServerStatsRequest, call: Call) -> pb.ServerStats:
         async def body():
-            return self.service.server_stats(self._loaded())
+            return self.service.server_stats(self._loaded(), self.registry.loads)
 
         return await self.unary("GetServerStats", "", call, body, pb.ServerStats())
 

@@ -45,14 +45,19 @@ def status_of(e: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     code, details = e.code(), e.details() or ""
     if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and _REPLICA_LOST.search(details):
         return grpc.StatusCode.UNAVAILABLE, "the replica serving the call was lost (the service is replacing it)"
+    if code == grpc.StatusCode.CANCELLED:  # callers check their own cancels first: this one is the server's
+        return grpc.StatusCode.UNAVAILABLE, "the server cancelled the call (its replica is stopping)"
     return code, " ".join(details.split())
 
 
 _LOST_WHILE_SERVING = re.compile(
-    r"replica serving the call was lost|socket closed|connection reset|broken pipe|stream removed|rst_stream"
-    r"|end of file", re.IGNORECASE)
+    r"replica serving the call was lost|server cancelled the call|socket closed|connection reset|broken pipe"
+    r"|stream removed|rst_stream|end of file", re.IGNORECASE)
 """An UNAVAILABLE whose call had reached a replica that went away under it (Ray's lost-replica answer, or
 the replica's own port dropping the connection mid-call), as opposed to one that never got a replica."""
+_NEVER_SENT = re.compile(r"failed to connect|all backends failing|connection refused|no healthy|not ready",
+                         re.IGNORECASE)
+"""An UNAVAILABLE of a call that no replica received (no connection could carry it): always safe to retry."""
 
 
 class Retries:
@@ -68,7 +73,7 @@ class Retries:
         """Seconds to wait before the next attempt, or None to give up."""
         if code not in RETRYABLE or self.attempt >= self.cfg.retries:
             return None
-        if _LOST_WHILE_SERVING.search(details):
+        if _LOST_WHILE_SERVING.search(details) and not _NEVER_SENT.search(details):
             if self.lost >= 1:
                 return None
             self.lost += 1
@@ -156,8 +161,8 @@ class ClientConfig:
     """host:port of the gRPC endpoint (Ray Serve's gRPC proxy or a plain server)."""
     timeout: float = 30.0
     """Default deadline of each call, seconds."""
-    retries: int = 3
-    """Extra attempts after an UNAVAILABLE answer."""
+    retries: int = 5
+    """Extra attempts after an UNAVAILABLE answer (one only when the call's replica died under it)."""
     backoff: float = 0.1
     """First retry delay, seconds; doubles each attempt."""
     max_message_bytes: int = 256 * 1024 * 1024
@@ -179,7 +184,11 @@ class ClientConfig:
 def channel_options(cfg: ClientConfig) -> list[tuple[str, int | str]]:
     return [("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.lb_policy_name", cfg.load_balancing)]
+            ("grpc.lb_policy_name", cfg.load_balancing),
+            # a replica that went away is reconnected to (or replaced) within 0.1 s, not gRPC's default 1 s,
+            # so retries land while the service re-forms (a redeploy, a scale-down, a node lost)
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 def credentials(cfg: ClientConfig):

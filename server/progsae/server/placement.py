@@ -1,0 +1,89 @@
+"""Models placed, not copied everywhere: a byte budget per replica, and direct-port calls for a model
+the replica does not hold sent on to one that does, by Serve's own multiplexed router.
+
+* **Bytes, not counts.** serve.multiplexed keeps each replica's loaded models in an LRU and tells
+  Serve's router which replica holds which model; it bounds the LRU by count. `make_room` bounds it
+  by bytes (`AppConfig.model_memory_bytes`): before a load it unloads the least recently used models
+  until the new one fits, through the LRU's own `unload_model_lru`, and a model larger than the whole
+  budget is refused (RESOURCE_EXHAUSTED) instead of evicting everything.
+* **Calls go where the model is.** A client of the replicas' own port reaches whichever replica the
+  kernel or its round robin picked, so without placement every replica would load every model it is
+  asked for. Such a call for a model this replica does not hold is sent on through a DeploymentHandle
+  with `multiplexed_model_id`: Serve's router sends it to a replica that holds the model (or, when
+  none does, to the least loaded one, which loads it). The forwarding replica authorised the call;
+  the target serves it as a `ForwardedCall`. Calls through Serve's proxy are routed so already.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any
+
+from .call import Call
+from .errors import ServiceError, Status, exhausted, internal
+from .ray_proxy import LOST_REPLICA, is_lost_replica
+from .registry import ModelRef, ServedModel
+
+
+class ForwardedCall(Call):
+    """A call another replica of this deployment authorised and sent on (a DeploymentHandle call)."""
+
+    transport = "forwarded"
+    trusted = True
+
+    def __init__(self, timeout_s: float | None):
+        super().__init__()
+        self._end = None if timeout_s is None else time.perf_counter() + timeout_s
+
+    def time_remaining(self) -> float | None:
+        return None if self._end is None else max(0.0, self._end - time.perf_counter())
+
+
+async def make_room(lru: Any, need: int, budget: int, model_id: str) -> None:
+    """Unload serve.multiplexed's least recently used models until `need` more bytes fit `budget`."""
+    if need > budget:
+        raise exhausted(f"model {model_id} needs {need / 2**20:,.0f} MiB of weights; this replica holds at most "
+                        f"{budget / 2**20:,.0f} MiB of models (model_memory_bytes)")
+    models: Mapping[str, ServedModel] = lru.models
+    while models and sum(m.nbytes for m in models.values()) + need > budget:
+        await lru.unload_model_lru()
+        lru._push_multiplexed_replica_info = True  # Serve's router learns the model left (as its count LRU does)
+
+
+class HandleForwarder:
+    """Sends direct-port calls for models held elsewhere through this deployment's handle."""
+
+    def __init__(self, handle: Callable[[], Any], held: Callable[[], Mapping[str, ServedModel]]):
+        self._handle, self._held = handle, held
+
+    def wants(self, spec: ModelRef, call: Call) -> bool:
+        return call.transport == "direct" and spec.id not in self._held()
+
+    async def unary(self, method: str, request: Any, spec: ModelRef, call: Call) -> Any:
+        h = self._handle().options(multiplexed_model_id=spec.id)
+        try:
+            return await h.forwarded.remote(method, request, call.time_remaining())
+        except Exception as e:  # noqa: BLE001  (mapped to one status below)
+            raise _unwrap(e) from None
+
+    async def stream(self, method: str, request: Any, spec: ModelRef, call: Call) -> AsyncGenerator[Any, None]:
+        gen = self._handle().options(multiplexed_model_id=spec.id, stream=True).forwarded_stream.remote(
+            method, request, call.time_remaining())
+        try:
+            async for msg in gen:
+                yield msg
+        except Exception as e:  # noqa: BLE001
+            raise _unwrap(e) from None
+        finally:
+            gen.cancel()
+
+
+def _unwrap(e: BaseException) -> ServiceError:
+    """The status the target answered (Ray wraps it in a RayTaskError), UNAVAILABLE for a lost replica."""
+    cause = getattr(e, "cause", e)
+    if isinstance(cause, ServiceError):
+        return ServiceError(cause.status, cause.message)
+    if is_lost_replica(e):
+        return ServiceError(Status.UNAVAILABLE, LOST_REPLICA.format(type(e).__name__))
+    return internal(e)
