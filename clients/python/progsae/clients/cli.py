@@ -5,8 +5,8 @@ Its flags come from dataclasses (progsae.clients.flags): the connection's from `
 Activations come from a .npy file ([N, d_in] float) or `--random N` rows; codes are written
 and read as .npz (offsets, indices, values).
 
-This is the one command of the light distribution (progsae-client), and `progsae client` of
-the full one (progsae.cli.client).
+This is `progsae-client`, the one command of the light distribution (clients/python), and
+`progsae client` of the full one (progsae.cli.client): the same flags and calls.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ class StreamCall:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`progsae client ...` of the light distribution (progsae-client), which has no other command."""
-    parser = Parser(prog="progsae", description="Call a running progsae server.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    configure(sub.add_parser("client", help=HELP, description=HELP))
+    """`progsae-client ...`, the light distribution's own command: the same flags and calls as the full
+    distribution's `progsae client ...` (each distribution installs one script, named for it)."""
+    parser = Parser(prog="progsae-client", description=HELP)
+    configure(parser)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -34,6 +34,13 @@ This module lives in `progsae.clients` although the `progsae` command package (`
 uses it for every subcommand: the light client distribution (clients/python) ships
 `progsae.clients` and `progsae.v1` only, and its own `progsae client` builds its flags with it
 too. Standard library only.
+
+Why not tyro or simple-parsing (both read field docstrings): measured with tyro 1.0.17, a
+`tuple[int, ...]` field takes space-separated words only, so every documented command
+(`--granularities 256,512,1024`, `--by mean_sq,freq`, `--k-grid 4,8,16,32`) would change, and its
+errors are multi-line boxed panels where ours are the one line `progsae: error: MESSAGE` (tested);
+both would also add dependencies (docstring-parser, typeguard) to the light client, which promises
+grpcio, protobuf and numpy only.
 """
 
 from __future__ import annotations
