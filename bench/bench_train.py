@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from progsae.trainer.losses import (
+from progsae.trainer.training.losses import (
     Output,
     TrainableSAE,
     naive_prefix_sse,
     optimizer_step,
     total_variance,
 )
-from progsae.trainer.sparse_topk import topk_encode, topk_encode_dense
+from progsae.trainer.training.sparse_topk import topk_encode, topk_encode_dense
 
 
 def synthetic(n: int, d: int, seed: int = 0) -> torch.Tensor:

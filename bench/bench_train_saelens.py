@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import synthetic  # noqa: E402
 
-from progsae.trainer.dead_latents import DeadTracker  # noqa: E402
-from progsae.trainer.losses import TrainableSAE, optimizer_step  # noqa: E402
+from progsae.trainer.training.dead_latents import DeadTracker  # noqa: E402
+from progsae.trainer.training.losses import TrainableSAE, optimizer_step  # noqa: E402
 
 
 def ours(args: argparse.Namespace, ladder: tuple[int, ...]) -> Callable[[torch.Tensor], None]:

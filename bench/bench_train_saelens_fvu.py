@@ -34,11 +34,11 @@ from progsae.sae import checkpoint
 from progsae.sae.codec import SAE
 from progsae.sae.metrics import FVUAccumulator
 from progsae.sae.ordering import ImportanceAccumulator, apply
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.config import TrainConfig
-from progsae.trainer.dead_latents import DeadTracker
-from progsae.trainer.sae_init import init_b_dec, norm_scale
-from progsae.trainer.train import _plan, train
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.training.config import TrainConfig
+from progsae.trainer.training.dead_latents import DeadTracker
+from progsae.trainer.training.sae_init import init_b_dec, norm_scale
+from progsae.trainer.training.train import _plan, train
 
 
 def fvu_ladder(sae: SAE, held: ActivationCache, ladder: tuple[int, ...], batch: int = 4096) -> list[float]:

@@ -40,10 +40,10 @@ import torch
 from progsae.sae import checkpoint
 from progsae.sae.codec import SAE, default_ladder
 from progsae.sae.devices import resolve_device
-from progsae.trainer.activations import ActivationCache, CacheWriter, Manifest
-from progsae.trainer.config import TrainConfig
+from progsae.trainer.data.activations import ActivationCache, CacheWriter, Manifest
 from progsae.trainer.order import OrderConfig, compute_orderings
-from progsae.trainer.train import train
+from progsae.trainer.training.config import TrainConfig
+from progsae.trainer.training.train import train
 
 
 @dataclass

@@ -17,10 +17,11 @@ import torch
 from progsae.sae import checkpoint
 from progsae.sae import ordering as ordmod
 from progsae.sae.ladders import area_under_steps
-from progsae.trainer import auto_ladder, outliers
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.k_grid import evaluate_grid, format_grid
-from progsae.trainer.report_plots import k_grid_figure
+from progsae.trainer.data import outlier_policy
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.evaluation import auto_ladder
+from progsae.trainer.evaluation.k_grid import evaluate_grid, format_grid
+from progsae.trainer.report.plots import k_grid_figure
 
 torch.set_num_threads(1)
 HELD, TRAIN = "acts/smollm2-l15-heldout", os.environ.get("TRAIN", "acts/smollm2-l15-train600k")
@@ -35,7 +36,7 @@ for ck in sys.argv[1:]:
     print(f"== {name}\n{format_grid(r)}", flush=True)
     grids.append((name, r))
     c = checkpoint.load(ck)
-    policy = outliers.resolve(None, c.meta)
+    policy = outlier_policy.resolve(None, c.meta)
     ords = {"mean_sq": c.orderings["mean_sq"]} if c.meta.architecture == "topk" else {}
     choice = auto_ladder.for_checkpoint(ck, TRAIN, 5, ords, policy, tokens=16384)
     print(auto_ladder.format_choice(choice), flush=True)

@@ -41,7 +41,7 @@ def test_wheel_carries_stubs_static_files_and_every_package(tmp_path):
     names = set(zipfile.ZipFile(_wheel(REPO, tmp_path)).namelist())
     for f in ("progsae/v1/progsae_pb2.py", "progsae/v1/progsae_pb2_grpc.py", "progsae/v1/progsae.proto",
               "progsae/server/static/index.html", "progsae/sae/codec.py", "progsae/lm/models.py",
-              "progsae/trainer/train.py", "progsae/clients/client.py", "progsae/cli/main.py"):
+              "progsae/trainer/training/train.py", "progsae/clients/client.py", "progsae/cli/main.py"):
         assert f in names, f
     assert "progsae/__init__.py" not in names  # a PEP 420 namespace: the light client can sit beside it
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))

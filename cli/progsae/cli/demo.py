@@ -129,7 +129,7 @@ def build(cfg: DemoConfig) -> tuple[Path, Path]:
 
 
 def _complete(cache: Path) -> bool:
-    from progsae.trainer.activations import CacheError, Manifest
+    from progsae.trainer.data.activations import CacheError, Manifest
 
     try:
         return Manifest.load(cache).complete

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from progsae.clients.flags import add_dataclass
 
 if TYPE_CHECKING:
-    from progsae.trainer.evaluate import EvalConfig
+    from progsae.trainer.evaluation.evaluate import EvalConfig
 
 HELP = "every metric (FVU, L0, dead, density, RSA, CE/KL, power law) at every G"
 
@@ -27,19 +27,19 @@ class EvalRun:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from progsae.trainer.evaluate import EvalConfig
+    from progsae.trainer.evaluation.evaluate import EvalConfig
 
     run_options, config = add_dataclass(parser, EvalRun), add_dataclass(parser, EvalConfig)
     parser.set_defaults(run=lambda args: run(config.build(args), run_options.build(args)))
 
 
 def run(cfg: EvalConfig, opts: EvalRun) -> int:
-    from progsae.trainer.evaluate import evaluate, format_table, save_result
+    from progsae.trainer.evaluation.evaluate import evaluate, format_table, save_result
 
     cfg.validate()
     if cfg.k_grid:
         from progsae.sae import checkpoint
-        from progsae.trainer.k_grid import check_k_grid
+        from progsae.trainer.evaluation.k_grid import check_k_grid
 
         check_k_grid(cfg.k_grid, checkpoint.load_meta(opts.checkpoint).k)  # before the long pass
     if cfg.rsa_tokens < 1000:
@@ -48,7 +48,7 @@ def run(cfg: EvalConfig, opts: EvalRun) -> int:
     print(format_table(result))
     grid = None
     if cfg.k_grid:
-        from progsae.trainer.k_grid import evaluate_grid, format_grid
+        from progsae.trainer.evaluation.k_grid import evaluate_grid, format_grid
 
         grid = evaluate_grid(opts.checkpoint, opts.activations, cfg.k_grid, ordering=cfg.ordering,
                              batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, ce=cfg.ce,

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from progsae.clients.flags import add_dataclass
-from progsae.trainer.outliers import OutlierPolicy
+from progsae.trainer.data.outlier_policy import OutlierPolicy
 
 if TYPE_CHECKING:
     from progsae.sae.checkpoint import CheckpointMeta
-    from progsae.trainer.activations import ActivationCache
+    from progsae.trainer.data.activations import ActivationCache
     from progsae.trainer.features import Decode, FeatureConfig, LogitLens
 
 HELP = "feature cards (density, top contexts, promoted tokens) for the dashboard"
@@ -61,14 +61,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(cfg: FeatureConfig, opts: FeaturesRun) -> int:
     from progsae.sae import checkpoint
     from progsae.sae.devices import check_device
-    from progsae.trainer import features, outliers
-    from progsae.trainer.activations import ActivationCache
+    from progsae.trainer import features
+    from progsae.trainer.data import outlier_policy
+    from progsae.trainer.data.activations import ActivationCache
 
     check_device(opts.device)  # before loading anything
     meta = checkpoint.load_meta(opts.checkpoint)
     if opts.texts:
         return _from_texts(cfg, opts, meta)
-    cache = ActivationCache(opts.activations, outliers=outliers.resolve(opts.outlier_factor, meta))
+    cache = ActivationCache(opts.activations, outliers=outlier_policy.resolve(opts.outlier_factor, meta))
     man = cache.manifest
     if meta.model and meta.model != man.model or meta.layer is not None and meta.layer != man.layer:
         print(f"progsae features: warning: cache is {man.model} layer {man.layer}, checkpoint says "
@@ -89,8 +90,9 @@ def _from_texts(cfg: FeatureConfig, opts: FeaturesRun, meta: CheckpointMeta) -> 
     import tempfile
 
     from progsae.lm.models import load_model
-    from progsae.trainer import features, outliers, text_cache
-    from progsae.trainer.activations import ActivationCache
+    from progsae.trainer import features
+    from progsae.trainer.data import outlier_policy, text_cache
+    from progsae.trainer.data.activations import ActivationCache
 
     if not meta.model or meta.layer is None:
         raise ValueError(f"{opts.checkpoint} records no language model and layer; use --activations")
@@ -101,7 +103,7 @@ def _from_texts(cfg: FeatureConfig, opts: FeaturesRun, meta: CheckpointMeta) -> 
         if made.dropped:
             print(f"progsae features: {made.dropped} tokens at the end of {opts.texts} fill no whole "
                   f"{made.manifest.context}-token context and are left out", file=sys.stderr)
-        cache = ActivationCache(tmp, outliers=outliers.resolve(opts.outlier_factor, meta))
+        cache = ActivationCache(tmp, outliers=outlier_policy.resolve(opts.outlier_factor, meta))
         lens = features.LogitLens(lm, cfg.promoted) if opts.lens else None
         return _write(cfg, opts, cache, lens, lambda ids: [lm.tokenizer.decode([i]) for i in ids],
                       {"activations": None, "texts": str(opts.texts), "documents": len(docs)})

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING
 from progsae.clients.flags import add_dataclass
 
 if TYPE_CHECKING:
-    from progsae.trainer.harvest import HarvestConfig
-    from progsae.trainer.harvest_ray import RayOptions
+    from progsae.trainer.data.harvest import HarvestConfig
+    from progsae.trainer.data.harvest_ray import RayOptions
 
 HELP = "cache a real LM's residual activations at a layer on disk"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from progsae.trainer.harvest import HarvestConfig
-    from progsae.trainer.harvest_ray import RayOptions
+    from progsae.trainer.data.harvest import HarvestConfig
+    from progsae.trainer.data.harvest_ray import RayOptions
 
     config = add_dataclass(parser, HarvestConfig)
     ray = add_dataclass(parser, RayOptions)
@@ -26,8 +26,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: HarvestConfig, ray: RayOptions | None = None) -> int:
-    from progsae.trainer.harvest import harvest
-    from progsae.trainer.harvest_ray import RayOptions, ray_forward
+    from progsae.trainer.data.harvest import harvest
+    from progsae.trainer.data.harvest_ray import RayOptions, ray_forward
 
     forward = ray_forward(cfg, ray or RayOptions(), lambda msg: print(msg, file=sys.stderr))
     m = harvest(cfg, forward=forward)

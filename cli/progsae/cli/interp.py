@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from progsae.clients.flags import add_dataclass
 
 if TYPE_CHECKING:
-    from progsae.trainer.interp import InterpConfig
+    from progsae.trainer.interp.measure import InterpConfig
 
 HELP = "interpretability per granularity group: simulation correlation, absorption, splitting"
 
@@ -29,7 +29,7 @@ class InterpRun:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from progsae.trainer.interp import InterpConfig
+    from progsae.trainer.interp.measure import InterpConfig
 
     run_options, config = add_dataclass(parser, InterpRun), add_dataclass(parser, InterpConfig)
     parser.set_defaults(run=lambda args: run(config.build(args), run_options.build(args)))
@@ -38,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(cfg: InterpConfig, opts: InterpRun) -> int:
     from pathlib import Path
 
-    from progsae.trainer.interp import INTERP, format_table, interp, save_result
+    from progsae.trainer.interp.measure import INTERP, format_table, interp, save_result
 
     cfg.validate()
     result = interp(opts.checkpoint, opts.activations, cfg, log=lambda msg: print(msg, flush=True))

@@ -51,11 +51,12 @@ def run(cfg: OrderConfig, opts: OrderRun) -> int:
             fit = "too few positive scores for a power-law fit"
         print(f"{opts.checkpoint}: ordering {name}: top score {float(s[0]):.4g}, {dead} latents never active, {fit}")
     if cfg.ladder:
-        from progsae.trainer import auto_ladder, outliers
+        from progsae.trainer.data import outlier_policy
+        from progsae.trainer.evaluation import auto_ladder
 
         rungs = auto_ladder.parse_auto(cfg.ladder)
         assert rungs is not None  # OrderConfig checked the spec
-        policy = outliers.resolve(cfg.outlier_factor, checkpoint.load_meta(opts.checkpoint))
+        policy = outlier_policy.resolve(cfg.outlier_factor, checkpoint.load_meta(opts.checkpoint))
         choice = auto_ladder.for_checkpoint(opts.checkpoint, opts.activations, rungs, orderings, policy,
                                             cfg.ladder_tokens)
         auto_ladder.store(opts.checkpoint, choice)

@@ -1,4 +1,4 @@
-"""`progsae outliers CACHE`: where a cache's huge-norm rows are, as JSON (trainer/outliers.py)."""
+"""`progsae outliers CACHE`: where a cache's huge-norm rows are, as JSON (progsae.trainer.data.outliers)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(opts: OutliersRun) -> int:
-    from progsae.trainer.outliers import analyse, compare_start
+    from progsae.trainer.data.outliers import analyse, compare_start
 
     print(json.dumps(analyse(opts.cache), indent=2))
     if opts.start_token_id is not None:

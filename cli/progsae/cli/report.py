@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(opts: ReportRun) -> int:
-    from progsae.trainer.report import write_report
+    from progsae.trainer.report.write import write_report
 
     f = write_report(list(opts.checkpoints), opts.out)
     print(f"wrote {f} and {len(list(f.parent.glob('*.png')))} figures")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from progsae.clients.flags import add_dataclass
 
 if TYPE_CHECKING:
-    from progsae.trainer.config import TrainConfig
+    from progsae.trainer.training.config import TrainConfig
 
 HELP = "train a TopK or Matryoshka SAE on an activation cache (resumes after interruption)"
 DESCRIPTION = "Train a TopK or Matryoshka SAE. Rerun the same command after an interruption to resume."
@@ -35,7 +35,7 @@ class TrainRun:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from progsae.trainer.config import TrainConfig
+    from progsae.trainer.training.config import TrainConfig
 
     run_options, config = add_dataclass(parser, TrainRun), add_dataclass(parser, TrainConfig)
     parser.set_defaults(run=lambda args: run(config.build(args), run_options.build(args)))
@@ -45,7 +45,7 @@ def run(cfg: TrainConfig, opts: TrainRun) -> int:
     cfg.validate()  # before importing the trainer or touching the disk
     import torch
 
-    from progsae.trainer.train import train
+    from progsae.trainer.training.train import train
 
     if opts.threads:
         torch.set_num_threads(opts.threads)

@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 from progsae.sae.codec import SAE, Codes
 from progsae.sae.devices import resolve_device
 from progsae.sae.feature_cards import FORMAT, PAD, FeatureCards
-
-from .activations import ActivationCache, CacheError
+from progsae.trainer.data.activations import ActivationCache, CacheError
 
 Decode = Callable[[list[int]], list[str]]
 """Token ids -> one display string per id."""

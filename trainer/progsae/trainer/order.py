@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from . import outliers
-from .outliers import OutlierPolicy
+from progsae.trainer.data import outlier_policy
+from progsae.trainer.data.outlier_policy import OutlierPolicy
 
 if TYPE_CHECKING:
     from progsae.sae.ordering import Criterion, Ordering
@@ -39,7 +39,7 @@ class OrderConfig:
     """Where to encode: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees a GPU)."""
     ladder: str = ""
     """auto:R: also pick the checkpoint's ladder, R rungs from M / 2^(R-1) to M that each add an
-    equal share of the FVU reduction on these activations (auto_ladder.py: the fitted importance
+    equal share of the FVU reduction on these activations (evaluation/auto_ladder.py: the fitted importance
     power law where R^2 >= 0.95, else the measured FVU(G)), and store it as the served ladder."""
     ladder_tokens: int = 16384
     """Rows over which --ladder measures FVU(G)."""
@@ -52,7 +52,7 @@ class OrderConfig:
         if bad or not by:
             raise ValueError(f"unknown criterion {', '.join(bad) or repr(self.by)}; choose from mean_sq, freq, all")
         self.by = CRITERIA if "all" in by else by
-        from .auto_ladder import parse_auto
+        from progsae.trainer.evaluation.auto_ladder import parse_auto
 
         parse_auto(self.ladder)
         if self.ladder_tokens < 1:
@@ -70,12 +70,11 @@ def compute_orderings(checkpoint_dir: str | Path, activations: str | Path, cfg: 
 
     from progsae.sae import checkpoint
     from progsae.sae.ordering import ImportanceAccumulator
-
-    from .activations import ActivationCache
+    from progsae.trainer.data.activations import ActivationCache
 
     cfg = cfg or OrderConfig()
     meta = checkpoint.load_meta(checkpoint_dir)
-    cache = ActivationCache(activations, outliers=outliers.resolve(cfg.outlier_factor, meta))
+    cache = ActivationCache(activations, outliers=outlier_policy.resolve(cfg.outlier_factor, meta))
     man = cache.manifest
     if man.d_model != meta.d_in:
         raise ValueError(f"{activations} holds activations of width {man.d_model}, the SAE expects d_in={meta.d_in}")

@@ -14,9 +14,8 @@ from typing import NamedTuple
 import numpy as np
 
 from progsae.lm.models import LoadedModel
-
-from .activations import CacheWriter, Manifest
-from .harvest import corpus_contexts, shard_activations
+from progsae.trainer.data.activations import CacheWriter, Manifest
+from progsae.trainer.data.harvest import corpus_contexts, shard_activations
 
 SPLIT = "texts"
 """The manifest's split of a text cache (not a corpus split)."""

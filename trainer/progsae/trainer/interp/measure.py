@@ -2,12 +2,12 @@
 
 For a checkpoint and a held-out activation cache that stores its token ids:
 
-  * simulation correlation per latent (interp_simulation.py: a lookup-table explainer, NOT an LLM;
+  * simulation correlation per latent (simulation.py: a lookup-table explainer, NOT an LLM;
     its numbers are not on the paper's 0.74 / 0.57 scale, only comparable between variants),
     averaged over each band [G_{j-1}, G_j) of the ladder;
-  * feature splitting per band (interp_splitting.py): decoder cosine to the prefix, and how often
+  * feature splitting per band (splitting.py): decoder cosine to the prefix, and how often
     a prefix latent's firing is split among several latents of the band;
-  * first-letter feature absorption (interp_absorption.py, SAEBench's definitions) of the SAE
+  * first-letter feature absorption (absorption.py, SAEBench's definitions) of the SAE
     truncated to each prefix G; needs the checkpoint's language model.
 
 Every measure is computed for each progressive order of the latents: a Matryoshka SAE in its
@@ -33,11 +33,11 @@ import torch
 
 from progsae.sae import checkpoint
 from progsae.sae import ordering as ordmod
-from progsae.trainer import outliers
-from progsae.trainer.activations import ActivationCache, CacheError
-from progsae.trainer.eval_types import ORDERING_NAMES
-from progsae.trainer.interp_absorption import AbsorptionScore
-from progsae.trainer.outliers import OutlierPolicy
+from progsae.trainer.data import outlier_policy
+from progsae.trainer.data.activations import ActivationCache, CacheError
+from progsae.trainer.data.outlier_policy import OutlierPolicy
+from progsae.trainer.evaluation.results import ORDERING_NAMES
+from progsae.trainer.interp.absorption import AbsorptionScore
 
 INTERP = "interp.json"
 
@@ -244,9 +244,9 @@ def _band_sim(scores: np.ndarray, lo: int, hi: int) -> tuple[float, float, int]:
 def interp(ckpt_path: str | Path, acts_dir: str | Path, cfg: InterpConfig | None = None, lm: Any = None,
            log: Any = print) -> InterpResult:
     """Measure a checkpoint on a held-out cache; `lm` (a LoadedModel) skips loading the language model."""
-    from progsae.trainer import interp_simulation as sim
-    from progsae.trainer import interp_splitting as spl
-    from progsae.trainer.evaluate import check_compatible
+    from progsae.trainer.evaluation.evaluate import check_compatible
+    from progsae.trainer.interp import simulation as sim
+    from progsae.trainer.interp import splitting as spl
 
     cfg = cfg or InterpConfig()
     cfg.validate()
@@ -255,7 +255,7 @@ def interp(ckpt_path: str | Path, acts_dir: str | Path, cfg: InterpConfig | None
     t0 = time.perf_counter()
     ck = checkpoint.load(ckpt_path)
     names = resolve_orderings(ck, cfg.ordering)
-    rule = outliers.resolve(cfg.outlier_factor, ck.meta)
+    rule = outlier_policy.resolve(cfg.outlier_factor, ck.meta)
     cache = ActivationCache(acts_dir, outliers=rule)
     check_compatible(ck, cache)
     sae, ladder, m = ck.sae.fold_scale(), tuple(ck.ladder), ck.meta.d_sae
@@ -295,7 +295,7 @@ def interp(ckpt_path: str | Path, acts_dir: str | Path, cfg: InterpConfig | None
 
 def _absorption(ck: checkpoint.Checkpoint, sae: Any, perms: dict[str, torch.Tensor], ladder: tuple[int, ...],
                 cfg: InterpConfig, lm: Any, log: Any) -> tuple[dict[str, list[AbsorptionScore]], list[float]]:
-    from progsae.trainer import interp_absorption as ab
+    from progsae.trainer.interp import absorption as ab
 
     if lm is None:
         from progsae.lm.models import load_model

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from progsae.trainer.interp import InterpResult, load_result
-from progsae.trainer.report import LABELS, CheckpointInfo
+from progsae.trainer.interp.measure import InterpResult, load_result
+from progsae.trainer.report.curves import LABELS, CheckpointInfo
 
 MEASURES = [
     ("simulation", "Simulation correlation (lookup-table explainer; per band)", "bands"),
@@ -124,7 +124,7 @@ def figures(variants: list[InterpVariant], out: Path) -> list[tuple[str, Path]]:
     """One PNG per measure against G, every variant a line."""
     import matplotlib.pyplot as plt
 
-    from progsae.trainer import report_plots as rp
+    from progsae.trainer.report import plots as rp
 
     figs = []
     for key, title, _ in MEASURES:

@@ -131,16 +131,16 @@ def evaluate_grid(ckpt_path: str | Path, acts_dir: str | Path, k_grid: tuple[int
                   ce: bool = False, ce_contexts: int = 32, ce_batch: int = 4, model: Any = None,
                   progress: bool = False) -> KGridResult:
     """FVU and L0 (and with `ce` CE recovered) at every (G, k') of the checkpoint's ladder x k_grid."""
-    from progsae.trainer import outliers
-    from progsae.trainer.activations import ActivationCache
-    from progsae.trainer.evaluate import check_compatible
+    from progsae.trainer.data import outlier_policy
+    from progsae.trainer.data.activations import ActivationCache
+    from progsae.trainer.evaluation.evaluate import check_compatible
 
     ck = checkpoint.load(ckpt_path)
     check_k_grid(k_grid, ck.meta.k)
     name = choose_ordering(ck, ordering)
     sae = ck.sae if name == "none" else checkpoint.load(ckpt_path, ordering=name).sae
-    rule = outliers.resolve(None, ck.meta)
-    cache_all = ActivationCache(acts_dir, outliers=outliers.KEEP_ALL)
+    rule = outlier_policy.resolve(None, ck.meta)
+    cache_all = ActivationCache(acts_dir, outliers=outlier_policy.KEEP_ALL)
     check_compatible(ck, cache_all)
     keep = np.zeros(cache_all.manifest.n_tokens, dtype=bool)
     keep[ActivationCache(acts_dir, outliers=rule).rows()] = True
@@ -180,7 +180,7 @@ def _grid_ce(ck: checkpoint.Checkpoint, sae: SAE, grid: list[tuple[int, int]], c
     """CE recovered (and its bootstrap SE) of every grid point, ce_loss.splice_eval's protocol."""
     from progsae.lm.models import forward_from_layer, hidden_at_layer
     from progsae.sae.metrics import TokenLossAccumulator
-    from progsae.trainer.ce_loss import _load, _rung, _splice, pick_contexts  # pyright: ignore[reportPrivateUsage]
+    from progsae.trainer.evaluation.ce_loss import _load, _rung, _splice, pick_contexts  # pyright: ignore[reportPrivateUsage]
 
     if model is None:
         model, _ = _load(ck, cache)

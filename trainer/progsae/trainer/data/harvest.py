@@ -1,4 +1,4 @@
-"""Real-LM residual activations -> sharded on-disk cache (trainer/activations.py); `progsae harvest`.
+"""Real-LM residual activations -> sharded on-disk cache (activations.py); `progsae harvest`.
 
 Contexts. Each corpus's documents (its split, in the seeded hash order of corpora.py) are
 tokenized without special tokens, joined with the model's separator token and cut into
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from progsae.lm.models import LoadedModel, LoadedTokenizer
-    from progsae.trainer.activations import Manifest
+    from progsae.trainer.data.activations import Manifest
 
 DISK_MARGIN = 64 << 20  # bytes kept free beyond the cache's own size
 
@@ -112,13 +112,13 @@ def interleave(streams: list[Iterator[list[int]]]) -> Iterator[list[int]]:
 
 
 def _existing_manifest(out: Path) -> Manifest | None:
-    from progsae.trainer.activations import MANIFEST, Manifest
+    from progsae.trainer.data.activations import MANIFEST, Manifest
 
     return Manifest.load(out) if (out / MANIFEST).is_file() else None
 
 
 def _check_existing(old: Manifest, cfg: HarvestConfig, alias: str, corpora: list[str]) -> None:
-    from progsae.trainer.activations import CacheError
+    from progsae.trainer.data.activations import CacheError
 
     want = {"model": alias, "layer": cfg.layer, "corpus": corpora, "split": cfg.split, "context": cfg.context}
     for key, value in want.items():
@@ -150,7 +150,7 @@ def _check_disk(out: Path, rows: int, d_model: int, n_contexts: int, context: in
 def validate(cfg: HarvestConfig) -> tuple[Any, list[str], dict[str, list[tuple[str, str]]]]:
     """Every cheap check, before the model loads: -> (model spec, corpora, documents)."""
     from progsae.lm.models import check_layer, resolve_model
-    from progsae.trainer import corpora as C
+    from progsae.trainer.data import corpora as C
 
     if cfg.split not in C.SPLITS:
         raise ValueError(f"unknown split {cfg.split!r}; choose from {', '.join(C.SPLITS)}")
@@ -296,7 +296,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, log: Callable[[st
     passes run in this process (on `lm` if given) unless `forward` runs them elsewhere."""
     import itertools
 
-    from progsae.trainer.activations import CacheWriter, Manifest
+    from progsae.trainer.data.activations import CacheWriter, Manifest
 
     log = log or _stderr
     spec, names, docs = validate(cfg)
@@ -396,7 +396,7 @@ def _grow(out: Path, old: Manifest, cfg: HarvestConfig, log: Any) -> None:
 
 def _remove_empty(out: Path) -> None:
     """Undo an empty cache: its manifest, and the folder if nothing else is in it."""
-    from progsae.trainer.activations import MANIFEST
+    from progsae.trainer.data.activations import MANIFEST
 
     (out / MANIFEST).unlink(missing_ok=True)
     _clean_temp(out)

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from progsae.trainer.k_grid import KGridResult  # noqa: E402
-from progsae.trainer.report import STYLE, CheckpointInfo, Variant  # noqa: E402
+from progsae.trainer.evaluation.k_grid import KGridResult  # noqa: E402
+from progsae.trainer.report.curves import STYLE, CheckpointInfo, Curve  # noqa: E402
 
 DPI = 110
 
@@ -21,7 +21,7 @@ def _style(label: str, i: int) -> dict:
     return {"color": c, "marker": m, "linestyle": ls}
 
 
-def _vs_g(ax, variants: list[Variant], key: str, ylabel: str) -> bool:
+def _vs_g(ax, variants: list[Curve], key: str, ylabel: str) -> bool:
     drawn = False
     for i, v in enumerate(variants):
         ys = [np.nan if y is None else y for y in v.series(key)]
@@ -47,7 +47,7 @@ def _save(fig, out: Path, name: str) -> Path:
     return f
 
 
-def fvu_figure(variants: list[Variant], out: Path) -> Path:
+def fvu_figure(variants: list[Curve], out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     _vs_g(axes[0], variants, "fvu", "FVU (outlier rows excluded)")
     axes[0].set_title("FVU vs G (lower is better)")
@@ -73,7 +73,7 @@ def _log_plain(ax) -> None:
     ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
 
 
-def ce_figure(variants: list[Variant], out: Path) -> Path | None:
+def ce_figure(variants: list[Curve], out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     if not _vs_g(axes[0], variants, "ce_recovered", "CE loss recovered"):
         plt.close(fig)
@@ -86,7 +86,7 @@ def ce_figure(variants: list[Variant], out: Path) -> Path | None:
     return _save(fig, out, "ce_recovered_vs_g.png")
 
 
-def rsa_figure(variants: list[Variant], out: Path) -> Path:
+def rsa_figure(variants: list[Curve], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
     _vs_g(ax, variants, "rsa", "RSA (Spearman of cosine-distance matrices)")
     ax.set_title("RSA vs G (higher is better)")
@@ -94,7 +94,7 @@ def rsa_figure(variants: list[Variant], out: Path) -> Path:
     return _save(fig, out, "rsa_vs_g.png")
 
 
-def importance_figure(variants: list[Variant], out: Path) -> Path | None:
+def importance_figure(variants: list[Curve], out: Path) -> Path | None:
     """Left: sorted ordering scores with their power-law fit. Right: E[a^2] along each order."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     drawn = False
@@ -216,7 +216,7 @@ def _k_grids(infos: list[CheckpointInfo]) -> list[tuple[str, KGridResult]]:
     return out
 
 
-def draw_all(variants: list[Variant], infos: list[CheckpointInfo], out: Path) -> list[tuple[str, Path]]:
+def draw_all(variants: list[Curve], infos: list[CheckpointInfo], out: Path) -> list[tuple[str, Path]]:
     figs = [("FVU vs G", fvu_figure(variants, out)), ("CE loss recovered vs G", ce_figure(variants, out)),
             ("RSA vs G", rsa_figure(variants, out)), ("Importance curves", importance_figure(variants, out)),
             ("Latent density", density_figure(infos, out)), ("Training throughput", throughput_figure(infos, out)),

@@ -27,8 +27,6 @@ context indices, so two checkpoints evaluated on the same contexts can be compar
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -42,11 +40,9 @@ from progsae.sae.metrics import (
     ce_recovered_bootstrap,
     per_token_mean_bootstrap,
 )
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.eval_types import CEBaseline, CERung
-
-if TYPE_CHECKING:
-    from progsae.trainer.evaluate import EvalConfig, Variant
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.evaluation.ordered import OrderedSAE
+from progsae.trainer.evaluation.results import CEBaseline, CERung
 
 POLICY = ("positions 1.. kept by the outlier policy are replaced (x_hat_G, or 0 for CE_zero); the start "
           "position and outlier-excluded positions keep their clean activation; scored: predictions from "
@@ -80,10 +76,11 @@ def _splice(hidden: Tensor, keep: Tensor, repl: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def splice_eval(ck: checkpoint.Checkpoint, sae: SAE, variants: list[Variant], cache: ActivationCache,
-                keep: np.ndarray, cfg: EvalConfig, model: nn.Module | None = None
-                ) -> tuple[CEBaseline, dict[tuple[str, int], CERung]]:
-    """CE baselines and the CE numbers of every (ordering, G)."""
+def splice_eval(ck: checkpoint.Checkpoint, sae: SAE, variants: list[OrderedSAE], cache: ActivationCache,
+                keep: np.ndarray, n_contexts: int, batch: int, progress: bool = False,
+                model: nn.Module | None = None) -> tuple[CEBaseline, dict[tuple[str, int], CERung]]:
+    """CE baselines and the CE numbers of every (ordering, G), over `n_contexts` held-out contexts
+    (`batch` per forward pass)."""
     from progsae.lm.models import forward_from_layer, hidden_at_layer
 
     if model is None:
@@ -95,7 +92,7 @@ def splice_eval(ck: checkpoint.Checkpoint, sae: SAE, variants: list[Variant], ca
     if T < 3:
         raise ValueError(f"{cache.dir}: contexts of {T} tokens leave nothing to score")
     n_avail = min(tokens.shape[0], len(keep) // per)
-    ctx = pick_contexts(n_avail, cfg.ce_contexts)
+    ctx = pick_contexts(n_avail, n_contexts)
     if len(ctx) == 0:
         raise ValueError("no whole context available for the CE evaluation")
     if len(np.unique(tokens[ctx, 0])) != 1:
@@ -108,9 +105,9 @@ def splice_eval(ck: checkpoint.Checkpoint, sae: SAE, variants: list[Variant], ca
     check = 0.0
     n_fwd = 2 + len(variants) * (len(ladder) - 1) + 1
     bar = tqdm(total=len(ctx) * n_fwd, desc=f"eval CE ({len(ctx)} contexts)", unit="fwd",
-               disable=not cfg.progress)
-    for b0 in range(0, len(ctx), cfg.ce_batch):
-        cb = ctx[b0:b0 + cfg.ce_batch]
+               disable=not progress)
+    for b0 in range(0, len(ctx), batch):
+        cb = ctx[b0:b0 + batch]
         ids = ids_all[b0:b0 + len(cb)]
         B = len(cb)
         rows = (cb[:, None] * per + np.arange(per)[None, :]).reshape(-1)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sparse_topk import Selection, decoder_grad, topk_encode
+from progsae.trainer.training.sparse_topk import Selection, decoder_grad, topk_encode
 
 
 class Effective(NamedTuple):

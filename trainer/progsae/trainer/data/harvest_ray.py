@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .harvest import HarvestConfig, shard_activations
+from progsae.trainer.data.harvest import HarvestConfig, shard_activations
 
 if TYPE_CHECKING:
     import numpy as np

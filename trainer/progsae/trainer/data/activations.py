@@ -11,7 +11,7 @@ Shards are written with temp + rename and registered in the manifest only once w
 an interrupted harvest resumes from the last registered shard and the finished cache is
 byte-identical to an uninterrupted one (the writer must be deterministic).
 
-The outlier policy (shared/DATA.md, trainer/outliers.py) is applied when *reading*: rows whose
+The outlier policy (shared/DATA.md, outlier_policy.py) is applied when *reading*: rows whose
 norm exceeds `outliers.factor` x the cache's median token norm are excluded, and counted.
 Training and evaluation read through the same `ActivationCache`, so they apply the same policy.
 """
@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from progsae.sae.checkpoint import atomic_write
-
-from .outliers import DEFAULT, OutlierPolicy
+from progsae.trainer.data.outlier_policy import DEFAULT, OutlierPolicy
 
 FORMAT = "progsae-acts/1"
 MANIFEST = "manifest.json"

@@ -35,14 +35,13 @@ from progsae.sae.checkpoint import CheckpointMeta
 from progsae.sae.codec import SAE
 from progsae.sae.devices import resolve_device
 from progsae.sae.metrics import fvu as batch_fvu
-
-from . import train_state as ts
-from .activations import ActivationCache
-from .config import TrainConfig
-from .dead_latents import DeadTracker
-from .losses import TrainableSAE, band_partials, optimizer_step
-from .sae_init import init_b_dec, norm_scale
-from .sparse_topk import Selection, topk_encode
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.training import train_state as ts
+from progsae.trainer.training.config import TrainConfig
+from progsae.trainer.training.dead_latents import DeadTracker
+from progsae.trainer.training.losses import TrainableSAE, band_partials, optimizer_step
+from progsae.trainer.training.sae_init import init_b_dec, norm_scale
+from progsae.trainer.training.sparse_topk import Selection, topk_encode
 
 # Settings that may differ between a run and its resumption (they change no weights).
 RESUMABLE_KEYS = ("checkpoint_every", "log_every")
@@ -336,7 +335,7 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
     )
     checkpoint.save(out, final, meta_ck)
     if cfg.auto_ladder:
-        from . import auto_ladder
+        from progsae.trainer.evaluation import auto_ladder
 
         choice = auto_ladder.for_checkpoint(out, cache.dir, cfg.auto_ladder, {}, cfg.outlier_factor)
         auto_ladder.store(out, choice)

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from .outliers import DEFAULT, OutlierPolicy
+from progsae.trainer.data.outlier_policy import DEFAULT, OutlierPolicy
 
 Arch = Literal["topk", "matryoshka"]
 ARCHS: tuple[Arch, ...] = ("topk", "matryoshka")

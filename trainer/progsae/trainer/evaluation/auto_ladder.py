@@ -26,8 +26,7 @@ from progsae.sae import checkpoint
 from progsae.sae.codec import SAE, default_ladder
 from progsae.sae.ladders import area_under_steps, equal_share_ladder, power_law_curve
 from progsae.sae.metrics import FVUAccumulator, fit_power_law
-
-from .activations import ActivationCache
+from progsae.trainer.data.activations import ActivationCache
 
 R2_MIN = 0.95
 """Power-law fits with at least this R^2 choose the ladder; worse ones leave it to the measurement."""

@@ -8,7 +8,7 @@ then streams all rungs progressively (one sparse decode in total per ordering).
 Rows are read *without* the outlier policy, and the policy's keep mask is applied per
 batch, so one encode feeds both FVU (policy rows; the headline) and FVU over all rows.
 L0, densities and dead latents use the policy rows. RSA uses a fixed random sample of
-policy rows. CE / KL splice x_hat_G into the model (see trainer/ce_loss.py).
+policy rows. CE / KL splice x_hat_G into the model (see ce_loss.py).
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from progsae.sae import checkpoint
-from progsae.sae import ordering as ordmod
 from progsae.sae.codec import SAE, Codes
 from progsae.sae.devices import resolve_device
 from progsae.sae.metrics import FVUAccumulator, RSAReference, density_histogram, fit_power_law
-from progsae.trainer import outliers
-from progsae.trainer.activations import ActivationCache
-from progsae.trainer.eval_types import (
+from progsae.trainer.data import outlier_policy
+from progsae.trainer.data.activations import ActivationCache
+from progsae.trainer.data.outlier_policy import OutlierPolicy
+from progsae.trainer.evaluation.ordered import OrderedSAE
+from progsae.trainer.evaluation.results import (
     ORDERING_NAMES,
     EvalResult,
     OrderingResult,
     RungMetrics,
     merge,
 )
-from progsae.trainer.outliers import OutlierPolicy
 
 
 @dataclass
@@ -85,21 +85,6 @@ class EvalConfig:
         check_device(self.device)
 
 
-@dataclass
-class Variant:
-    """One progressive order of the checkpoint's latents."""
-
-    name: str
-    sae: SAE
-    """The SAE with its latents permuted into this order."""
-    inv: Tensor
-    """Original latent i sits at position inv[i]."""
-    perm: Tensor
-
-    def relabel(self, codes: Codes) -> Codes:
-        return Codes(self.inv[codes.indices], codes.values)
-
-
 def resolve_orderings(ck: checkpoint.Checkpoint, ordering: str) -> list[str]:
     """The orderings to evaluate; Matryoshka SAEs are progressive in their trained order."""
     if ordering not in (*ORDERING_NAMES, "all"):
@@ -140,9 +125,9 @@ def evaluate(ckpt_path: str | Path, acts_dir: str | Path, cfg: EvalConfig | None
     t0 = time.perf_counter()
     ck = checkpoint.load(ckpt_path)
     names = resolve_orderings(ck, cfg.ordering)
-    rule = outliers.resolve(cfg.outlier_factor, ck.meta)
+    rule = outlier_policy.resolve(cfg.outlier_factor, ck.meta)
     factor = rule.factor
-    cache_all = ActivationCache(acts_dir, outliers=outliers.KEEP_ALL)
+    cache_all = ActivationCache(acts_dir, outliers=outlier_policy.KEEP_ALL)
     check_compatible(ck, cache_all)
     policy = ActivationCache(acts_dir, outliers=rule)
     total = cache_all.manifest.n_tokens
@@ -154,17 +139,18 @@ def evaluate(ckpt_path: str | Path, acts_dir: str | Path, cfg: EvalConfig | None
         raise ValueError(f"{acts_dir}: the outlier policy excludes every row")
 
     sae, ladder = ck.sae, ck.ladder
-    variants = [_variant(ck, n) for n in names]
+    variants = [OrderedSAE.of(ck, n) for n in names]
     dev = resolve_device(cfg.device)
-    sae_dev, on_dev = sae.to(dev), [_variant_on(v, dev) for v in variants]
+    sae_dev, on_dev = sae.to(dev), [v.to(dev) for v in variants]
     stream = _stream_pass(sae_dev, on_dev, ladder, cache_all, keep, cfg)
     rsa = _rsa_pass(sae_dev, on_dev, ladder, cache_all, keep, cfg)
     del sae_dev, on_dev
     ce, ce_rungs = (None, {})
     if cfg.ce:
-        from progsae.trainer.ce_loss import splice_eval
+        from progsae.trainer.evaluation.ce_loss import splice_eval
 
-        ce, ce_rungs = splice_eval(ck, sae, variants, cache_all, keep, cfg, model=model)
+        ce, ce_rungs = splice_eval(ck, sae, variants, cache_all, keep, cfg.ce_contexts, cfg.ce_batch,
+                                   progress=cfg.progress, model=model)
 
     fires, sum_sq, n_kept = stream.fires.cpu(), stream.sum_sq.cpu(), int(keep.sum())
     importance = (sum_sq * (sae.W_dec.double().norm(dim=1) / sae.scale) ** 2 / n_kept).cpu()
@@ -196,15 +182,6 @@ def evaluate(ckpt_path: str | Path, acts_dir: str | Path, cfg: EvalConfig | None
     )
 
 
-def _variant(ck: checkpoint.Checkpoint, name: str) -> Variant:
-    o = ordmod.identity(ck.meta.d_sae) if name == "none" else ck.orderings[name]
-    return Variant(name, ordmod.apply(ck.sae, o), o.inverse(), o.perm)
-
-
-def _variant_on(v: Variant, dev: torch.device) -> Variant:
-    return Variant(v.name, v.sae.to(dev), v.inv.to(dev), v.perm.to(dev))
-
-
 @dataclass
 class _Stream:
     fvu: dict[str, list[FVUAccumulator]]
@@ -217,7 +194,7 @@ class _Stream:
 
 
 @torch.no_grad()
-def _stream_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cache: ActivationCache,
+def _stream_pass(sae: SAE, variants: list[OrderedSAE], ladder: tuple[int, ...], cache: ActivationCache,
                  keep: np.ndarray, cfg: EvalConfig) -> _Stream:
     names = [v.name for v in variants]
     s = _Stream(
@@ -252,7 +229,7 @@ def _stream_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cac
 
 
 @torch.no_grad()
-def _rsa_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cache: ActivationCache,
+def _rsa_pass(sae: SAE, variants: list[OrderedSAE], ladder: tuple[int, ...], cache: ActivationCache,
               keep: np.ndarray, cfg: EvalConfig) -> dict[str, list[float]]:
     kept = np.flatnonzero(keep)
     pick = np.random.default_rng(cfg.seed).choice(len(kept), size=min(cfg.rsa_tokens, len(kept)), replace=False)
@@ -273,7 +250,7 @@ def _rsa_pass(sae: SAE, variants: list[Variant], ladder: tuple[int, ...], cache:
     return out
 
 
-def _ordering_result(ck: checkpoint.Checkpoint, v: Variant, rungs: list[RungMetrics],
+def _ordering_result(ck: checkpoint.Checkpoint, v: OrderedSAE, rungs: list[RungMetrics],
                      importance: Tensor) -> OrderingResult:
     from scipy.stats import spearmanr
 

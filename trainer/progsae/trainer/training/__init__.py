@@ -1,0 +1,1 @@
+"""`progsae train`: TopK and Matryoshka SAEs on an activation cache, resumable after kill -9."""
