@@ -1,2 +1,3 @@
 """The language model side, shared by trainer and server: load a real causal LM offline, read
-and splice its residual stream (`models`), and where converted models are cached (`cache`)."""
+its residual stream at a layer and run it on from there (`models`), splice a stand-in for that
+stream in and score the next tokens (`splice`), and where converted models are cached (`cache`)."""

@@ -319,19 +319,22 @@ def _check(model: nn.Module, layer: int) -> nn.ModuleList:
 
 @torch.no_grad()
 def hidden_at_layer(model: nn.Module, input_ids: torch.Tensor, layer: int,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
     """hidden_states[layer] [B, T, d], running the model only up to there.
 
     A pre-hook on decoder layer `layer` captures its input and stops the pass by raising.
+    `model_kwargs` go to the model's forward (default use_cache=False); e.g. `cache=` and
+    `use_cache=True` fill or read a KV cache of the layers below `layer`.
     """
     layers = _check(model, layer)
 
     def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         raise _Stop(_layer_input(args, kwargs))
 
+    model_kwargs.setdefault("use_cache", False)
     handle = layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     except _Stop as s:
         return s.value
     finally:

@@ -9,12 +9,14 @@ code), the quantity both axes trade against error. Three ways to spend a budget:
 * best (G, k'): the lower envelope of every grid point (the cheapest point reaching each FVU).
 
 One encode per batch over the held-out cache (policy rows, as `progsae eval`), every grid
-point decoded from the same codes. CE recovered splices each point's x_hat into the model as
-ce_loss.splice_eval does (same contexts, same policy), one forward per point and context batch.
+point decoded from the same codes. CE recovered splices each point's x_hat into the model in
+ce_loss.splice_eval's loop (progsae.lm.splice; same contexts, same policy), one forward per point
+and context batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +29,7 @@ from progsae.sae import checkpoint
 from progsae.sae.codec import SAE, Codes, topk_prefix
 from progsae.sae.ladders import area_under_steps
 from progsae.sae.metrics import FVUAccumulator
+from progsae.trainer.data.activations import ActivationCache
 
 
 class GridPoint(NamedTuple):
@@ -132,7 +135,6 @@ def evaluate_grid(ckpt_path: str | Path, acts_dir: str | Path, k_grid: tuple[int
                   progress: bool = False) -> KGridResult:
     """FVU and L0 (and with `ce` CE recovered) at every (G, k') of the checkpoint's ladder x k_grid."""
     from progsae.trainer.data import outlier_policy
-    from progsae.trainer.data.activations import ActivationCache
     from progsae.trainer.evaluation.evaluate import check_compatible
 
     ck = checkpoint.load(ckpt_path)
@@ -175,47 +177,26 @@ def evaluate_grid(ckpt_path: str | Path, acts_dir: str | Path, k_grid: tuple[int
                        list(ck.meta.extra.get("k_ladder", [])), n_kept, points)
 
 
-def _grid_ce(ck: checkpoint.Checkpoint, sae: SAE, grid: list[tuple[int, int]], cache: Any, keep: np.ndarray,
-             n_contexts: int, ce_batch: int, model: Any) -> dict[tuple[int, int], tuple[float, float | None]]:
+def _grid_ce(ck: checkpoint.Checkpoint, sae: SAE, grid: list[tuple[int, int]], cache: ActivationCache,
+             keep: np.ndarray, n_contexts: int, ce_batch: int, model: Any
+             ) -> dict[tuple[int, int], tuple[float, float | None]]:
     """CE recovered (and its bootstrap SE) of every grid point, ce_loss.splice_eval's protocol."""
-    from progsae.lm.models import forward_from_layer, hidden_at_layer
-    from progsae.sae.metrics import TokenLossAccumulator
-    from progsae.trainer.evaluation.ce_loss import _load, _rung, _splice, pick_contexts  # pyright: ignore[reportPrivateUsage]
+    from progsae.lm.splice import splice_losses
+    from progsae.trainer.evaluation.ce_loss import cache_batches, eval_contexts, load_lm, rung_numbers
 
     if model is None:
-        model, _ = _load(ck, cache)
-    layer, tokens = cache.manifest.layer, cache.tokens()
-    per = tokens.shape[1] - 1
-    ctx = pick_contexts(min(tokens.shape[0], len(keep) // per), n_contexts)
-    if len(ctx) == 0 or per < 2:
-        raise ValueError("no whole context available for the CE evaluation")
-    ids_all = torch.from_numpy(tokens[ctx].astype(np.int64))
-    h0 = hidden_at_layer(model, ids_all[:1, :1], layer).float()
-    clean, zero = TokenLossAccumulator(), TokenLossAccumulator()
-    accs = {p: TokenLossAccumulator() for p in grid}
-    for b0 in range(0, len(ctx), ce_batch):
-        cb = ctx[b0:b0 + ce_batch]
-        ids, B = ids_all[b0:b0 + len(cb)], len(cb)
-        rows = (cb[:, None] * per + np.arange(per)[None, :]).reshape(-1)
-        x = cache.gather(rows)
-        kb = torch.from_numpy(keep[rows]).view(B, per)
-        hidden = torch.cat([h0.expand(B, 1, -1), x.view(B, per, -1)], dim=1)
-        targets = ids[:, 2:].reshape(-1)
+        model = load_lm(ck, cache)
+    ctx = eval_contexts(cache, keep, n_contexts)
 
-        def run(h: Tensor) -> Tensor:
-            logits = forward_from_layer(model, h, layer)[:, 1:-1].float()
-            return torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
-
-        lp_clean = run(hidden)
-        clean.update(lp_clean, lp_clean, targets, contexts=B)
-        zero.update(lp_clean, run(_splice(hidden, kb, torch.zeros_like(x))), targets, contexts=B)
+    def points(x: Tensor) -> Iterator[tuple[tuple[int, int], Tensor]]:
         codes = sae.encode(x)
         for g, kp in grid:
-            recon = sae.decode(grid_codes(codes, g, kp), g)
-            accs[(g, kp)].update(lp_clean, run(_splice(hidden, kb, recon)), targets, contexts=B)
+            yield (g, kp), sae.decode(grid_codes(codes, g, kp), g)
+
+    losses = splice_losses(model, cache.manifest.layer, cache_batches(cache, keep, ctx, ce_batch), points)
     out: dict[tuple[int, int], tuple[float, float | None]] = {}
-    for p, acc in accs.items():
-        r = _rung(clean, zero, acc)
+    for p, acc in losses.variants.items():
+        r = rung_numbers(losses.clean, losses.zero, acc)
         out[p] = (r.ce_recovered, r.ce_recovered_se)
     return out
 

@@ -150,29 +150,6 @@ def icl_prefix(lm: LoadedModel, words: Words, n_icl: int) -> list[int]:
     return [lm.start_token_id, *ids]
 
 
-class _Stop(Exception):
-    def __init__(self, value: Tensor):
-        super().__init__("stop")
-        self.value = value
-
-
-def _run_to_layer(model: torch.nn.Module, layer: int, **kwargs: object) -> Tensor:
-    """hidden_states[layer] [B, T, d] of one forward call, stopped before decoder layer `layer` runs."""
-    from progsae.lm.models import decoder_layers
-
-    def grab(_mod: torch.nn.Module, args: tuple[object, ...], kw: dict[str, object]) -> None:
-        raise _Stop(args[0] if args else kw["hidden_states"])  # type: ignore[arg-type]
-
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(**kwargs)
-    except _Stop as s:
-        return s.value
-    finally:
-        handle.remove()
-    raise RuntimeError(f"decoder layer {layer} never ran")
-
-
 @torch.no_grad()
 def word_activations(lm: LoadedModel, prefix: list[int], token_ids: list[int], layer: int,
                      batch: int = 64) -> Tensor:
@@ -185,16 +162,17 @@ def word_activations(lm: LoadedModel, prefix: list[int], token_ids: list[int], l
 
     from transformers import DynamicCache
 
+    from progsae.lm.models import hidden_at_layer
+
     device = next(lm.model.parameters()).device
     cache = DynamicCache()
-    _run_to_layer(lm.model, layer, input_ids=torch.tensor([prefix], device=device), cache=cache,
-                  use_cache=True)
+    hidden_at_layer(lm.model, torch.tensor([prefix], device=device), layer, cache=cache, use_cache=True)
     out = []
     for i in range(0, len(token_ids), batch):
         ids = torch.tensor(token_ids[i:i + batch], device=device)[:, None]
         c = copy.deepcopy(cache)
         c.batch_repeat_interleave(len(ids))
-        h = _run_to_layer(lm.model, layer, input_ids=ids, cache=c, use_cache=True)
+        h = hidden_at_layer(lm.model, ids, layer, cache=c, use_cache=True)
         out.append(h[:, -1, :].float().cpu())
     return torch.cat(out)
 

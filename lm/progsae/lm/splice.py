@@ -1,0 +1,120 @@
+"""Splice a stand-in for the residual stream into a causal LM at one layer; score its next tokens.
+
+The protocol of CE loss recovered and KL (SPEC §5), for the trainer's evaluation and the server
+alike. A batch holds contexts `ids` [B, T] whose position 0 is the start token (the same token in
+every context) and the clean residual stream at `layer` of positions 1..T-1 (`body`):
+
+* position 0's residual is `hidden_at_layer` of the start token alone. That is exact for a causal
+  model (position 0 attends only to itself), and the layers below `layer` never run on the rest.
+* a variant replaces the positions 1.. that `keep` marks with its stand-in (`splice`). Position 0
+  and the positions `keep` leaves out keep their clean residual.
+* only layers `layer`.. run (`models.forward_from_layer`): once on the clean stream, once with every
+  replaced position zeroed (CE_zero), once per variant.
+* scored: the next-token predictions from positions 1..T-2 (targets 2..T-1). Position 0's is the
+  same in every variant, so it is left out.
+
+`splice_losses` runs that over batches and sums CE and KL(p_clean || p_variant) per context
+(progsae.sae.metrics.TokenLossAccumulator) for the clean stream, the zero-ablated one and every
+variant. Its parts, `splice` and `next_token_log_probs`, serve a single text as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from progsae.lm.models import forward_from_layer, hidden_at_layer
+from progsae.sae.metrics import TokenLossAccumulator
+
+K = TypeVar("K", bound=Hashable)
+
+
+class SpliceBatch(NamedTuple):
+    """Contexts, their clean residual at the layer, and which positions a variant replaces."""
+
+    ids: Tensor
+    """[B, T] int64 token ids; position 0 is the start token."""
+    body: Tensor
+    """[B * (T-1), d] the clean residual at the layer of positions 1..T-1, context by context."""
+    keep: Tensor
+    """[B, T-1] bool: positions 1..T-1 that a variant replaces (and CE_zero zeroes)."""
+
+
+@dataclass
+class SpliceLosses(Generic[K]):
+    """CE and KL sums, per context, of the clean stream, the zero-ablated one and each variant."""
+
+    clean: TokenLossAccumulator = field(default_factory=TokenLossAccumulator)
+    zero: TokenLossAccumulator = field(default_factory=TokenLossAccumulator)
+    """Every replaced position's residual set to 0."""
+    variants: dict[K, TokenLossAccumulator] = field(default_factory=dict[K, TokenLossAccumulator])
+    """Per variant key, in the order the keys were first produced."""
+    check: float | None = None
+    """With `check`: the largest relative error of the assembled clean stream (start-token residual
+    and `body`) against a real `hidden_at_layer` of the first batch's contexts."""
+
+
+def splice(hidden: Tensor, keep: Tensor, repl: Tensor) -> Tensor:
+    """hidden [B, T, d] with the positions 1.. that keep [B, T-1] marks taken from repl
+    [B * (T-1), d] (cast to hidden's dtype); a copy, hidden is left as it is."""
+    B, T = hidden.shape[:2]
+    h = hidden.clone()
+    body = h[:, 1:]  # a view: writing into it writes into h
+    body[keep] = repl.view(B, T - 1, -1)[keep].to(h.dtype)
+    return h
+
+
+def next_token_log_probs(model: nn.Module, hidden: Tensor, layer: int) -> Tensor:
+    """Float32 log-softmax [B * (T-2), vocab] of the next-token logits from positions 1..T-2 when
+    hidden_states[layer] is `hidden` [B, T, d]; rows context by context."""
+    logits = forward_from_layer(model, hidden, layer)[:, 1:-1].float()
+    return torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+
+
+@torch.no_grad()
+def splice_losses(model: nn.Module, layer: int, batches: Iterable[SpliceBatch],
+                  variants: Callable[[Tensor], Iterable[tuple[K, Tensor]]], *, check: bool = False,
+                  on_forward: Callable[[int], object] | None = None) -> SpliceLosses[K]:
+    """CE and KL of the clean, zero-ablated and every variant's stream over `batches`.
+
+    `variants(body)` yields (key, stand-in [B * (T-1), d]) for one batch's body; a key's sums
+    run over every batch it appears in. `on_forward(B)` is called after each forward pass of B
+    contexts (progress). ValueError if the contexts are too short to score or start with
+    different tokens.
+    """
+    out: SpliceLosses[K] = SpliceLosses()
+    h0: Tensor | None = None
+    start = -1
+    for b in batches:
+        B, T = b.ids.shape
+        if T < 3:
+            raise ValueError(f"contexts of {T} tokens leave nothing to score")
+        if h0 is None:
+            start = int(b.ids[0, 0])
+            h0 = hidden_at_layer(model, b.ids[:1, :1], layer).float()  # [1, 1, d]
+        if bool((b.ids[:, 0] != start).any()):
+            raise ValueError("contexts start with different tokens; expected one start token")
+        hidden = torch.cat([h0.expand(B, 1, -1), b.body.view(B, T - 1, -1)], dim=1)
+        if check and out.check is None:
+            real = hidden_at_layer(model, b.ids, layer).float()
+            err = (real - hidden).norm(dim=-1) / hidden.norm(dim=-1).clamp_min(1e-12)
+            out.check = float(err.max())
+        targets = b.ids[:, 2:].reshape(-1)
+
+        def run(h: Tensor, n: int = B) -> Tensor:
+            lp = next_token_log_probs(model, h, layer)
+            if on_forward is not None:
+                on_forward(n)
+            return lp
+
+        lp_clean = run(hidden)
+        out.clean.update(lp_clean, lp_clean, targets, contexts=B)
+        out.zero.update(lp_clean, run(splice(hidden, b.keep, torch.zeros_like(b.body))), targets, contexts=B)
+        for key, repl in variants(b.body):
+            acc = out.variants.setdefault(key, TokenLossAccumulator())
+            acc.update(lp_clean, run(splice(hidden, b.keep, repl)), targets, contexts=B)
+    return out
