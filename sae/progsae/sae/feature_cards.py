@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
@@ -103,13 +103,14 @@ def _floats(t: Tensor) -> list[float]:
 
 
 def weights_digest(checkpoint_dir: str | Path) -> str:
-    """The sha256 the checkpoint's weights file carries (cards record it to detect staleness)."""
+    """The sha256 the checkpoint's weights file carries (cards record it to detect staleness); ""
+    when the file is missing or unreadable, or records none (e.g. a SAELens-format checkpoint)."""
     f = Path(checkpoint_dir) / WEIGHTS
     try:
         with cast(Any, safe_open(f, framework="pt")) as fh:  # safetensors' stub leaves its methods unannotated
             header: dict[str, str] = fh.metadata() or {}
             return header.get("progsae_sha256", "")
-    except Exception:  # noqa: BLE001
+    except (OSError, SafetensorError):
         return ""
 
 

@@ -269,8 +269,8 @@ class RayForward:
         for a in self.actors:
             try:
                 ray.kill(a)
-            except Exception:  # noqa: BLE001 - already gone, or the connection is
-                pass
+            except Exception as e:  # noqa: BLE001 - close() runs in cleanup: it says so and goes on
+                self.log(f"ray: could not stop a worker (already gone, or the cluster is): {type(e).__name__}: {e}")
         self.actors, self.starting = [], {}
         if self.connected:
             ray.shutdown()
