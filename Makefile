@@ -32,6 +32,8 @@ typecheck: $(STAMP)
 
 test: typecheck
 	$(BIN)/ruff check .
+	@# layering: the core imports no trainer/server/Ray/gRPC, the server never the trainer, no import cycles
+	$(BIN)/lint-imports
 	@# the dashboard's browser test drives Debian's chromium (never `playwright install`)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest
