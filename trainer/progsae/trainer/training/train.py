@@ -25,6 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from progsae.trainer.data.activations import ActivationCache
 from progsae.trainer.training import train_state as ts
 from progsae.trainer.training.config import TrainConfig
 from progsae.trainer.training.dead_latents import DeadTracker
-from progsae.trainer.training.losses import TrainableSAE, band_partials, optimizer_step
+from progsae.trainer.training.losses import Output, TrainableSAE, band_partials, optimizer_step
 from progsae.trainer.training.sae_init import init_b_dec, norm_scale
 from progsae.trainer.training.sparse_topk import Selection, topk_encode
 
@@ -165,7 +166,7 @@ def check_out(cfg: TrainConfig, out: Path, cache_id: dict[str, Any]) -> str:
     return "fresh"
 
 
-def _log_line(out: Any, step: int, tokens: int, tok_s: float, dead: float, lr: float) -> dict[str, Any]:
+def _log_line(out: Output, step: int, tokens: int, tok_s: float, dead: float, lr: float) -> dict[str, Any]:
     fvus = out.fvus.tolist()
     rec = {
         "step": step, "tokens": tokens, "loss": float(out.loss.detach()), "fvu": fvus[-1],
@@ -197,33 +198,76 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
     CPU, so every device starts from the same ones; state and checkpoint are saved from CPU
     copies. A run resumed on the device it started on ends with the weights of an uninterrupted
     one; moved to another device type it continues from the same state, not bit for bit."""
+    out = Path(out)
+    run = _setup(cfg, activations, out, device)
+    if run is None:
+        print(f"{out}: already trained with these settings; nothing to do")
+        return out
+    log = _Log(run, progress, metrics_port)
+    try:
+        _loop(run, log, max_steps)
+    finally:
+        log.close()
+    if run.meta.step < run.total_steps:  # stopped early (max_steps): leave a resumable state
+        ts.save_state(run.state_dir, run.sae, run.opt, run.tracker.since_fired, run.meta)
+        return out
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """One run from setup to its checkpoint: what the loop updates and what the checkpoint records."""
+
+    cfg: TrainConfig
+    cache: ActivationCache
+    out: Path
+    dev: torch.device
+    sae: TrainableSAE
+    opt: torch.optim.Adam
+    tracker: DeadTracker
+    meta: ts.Meta
+    """Step, tokens and seconds so far (restored on resume), the scale and the cache identity."""
+    total_steps: int
+    epochs: int
+    """Passes over the cache the token budget needs (the batch order's epochs)."""
+    window: int
+    """Dead-latent window in tokens."""
+    k_aux: int
+    init_s: float
+    """Seconds spent initialising the weights, or loading the saved state."""
+
+    @property
+    def state_dir(self) -> Path:
+        return ts.state_dir(self.out)
+
+
+def _setup(cfg: TrainConfig, activations: str | Path, out: Path, device: str) -> _Run | None:
+    """Check the settings and the output path, then build the run: fresh (seeded weights, scale and
+    b_dec from a sample of the cache) or from its saved state. None if `out` is already this run's
+    checkpoint."""
     cfg.validate()
     dev = resolve_device(device)
     if cfg.dtype == "tf32" and dev.type != "cuda":
         raise ValueError(f"--dtype tf32 needs a CUDA device, this run is on {dev}; use float32 or bfloat16")
-    out = Path(out)
     cache = ActivationCache(activations, outliers=cfg.outlier_factor)
     d_in, man = cache.d_model, cache.manifest
     cache_id = ts.cache_identity(man)
     mode = check_out(cfg, out, cache_id)
     if mode == "done":
-        print(f"{out}: already trained with these settings; nothing to do")
-        return out
+        return None
     total_steps, epochs = _plan(cfg, len(cache))
     total_tokens = total_steps * cfg.batch_size
     window, k_aux = cfg.dead_window(total_tokens), cfg.k_aux_for(d_in)
-    M, B = cfg.d_sae, cfg.batch_size
 
     torch.manual_seed(cfg.seed)
-    sae = TrainableSAE(d_in, M, torch.Generator().manual_seed(cfg.seed), cfg.decoder_norm == "free").to(dev)
+    sae = TrainableSAE(d_in, cfg.d_sae, torch.Generator().manual_seed(cfg.seed), cfg.decoder_norm == "free").to(dev)
     params = dict(sae.named_parameters())
     opt = torch.optim.Adam([params[n] for n in ts.PARAMS], lr=cfg.base_lr(), betas=cfg.betas, eps=cfg.eps)
-    tracker = DeadTracker(M, window, device=dev)
-    since_fired = tracker.since_fired
+    tracker = DeadTracker(cfg.d_sae, window, device=dev)
     sd = ts.state_dir(out)
     t_init = time.perf_counter()
     if mode == "resume":
-        meta = ts.load_state(sd, sae, opt, since_fired)
+        meta = ts.load_state(sd, sae, opt, tracker.since_fired)
         ts.truncate_log(sd, meta.step)
     else:
         sample = cache.sample(cfg.init_samples, seed=cfg.seed)
@@ -233,75 +277,95 @@ def train(cfg: TrainConfig, activations: str | Path, out: str | Path, progress: 
         meta = ts.Meta(0, 0, scale, cfg.to_dict(), cache_id)
         sd.mkdir(parents=True, exist_ok=True)
         (sd / ts.LOG).write_text("")
-    init_s = time.perf_counter() - t_init
-    step, scale = meta.step, meta.scale
+    return _Run(cfg, cache, out, dev, sae, opt, tracker, meta, total_steps, epochs, window, k_aux,
+                time.perf_counter() - t_init)
+
+
+def _loop(run: _Run, log: _Log, max_steps: int | None) -> None:
+    """Optimiser steps from run.meta.step to the budget (or `max_steps`), saving the state every
+    `checkpoint_every` steps; run.meta ends at the step reached, with the seconds spent."""
+    cfg, meta, sae, opt, tracker, dev = run.cfg, run.meta, run.sae, run.opt, run.tracker, run.dev
+    B, scale, step = cfg.batch_size, meta.scale, meta.step
     ladder, weights, k_ladder = cfg.loss_ladder(), torch.tensor(cfg.weights(), device=dev), cfg.loss_k_ladder()
-
-    from tqdm import tqdm
-
-    metrics = _Metrics(metrics_port, cfg.arch, total_tokens)
-
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
-               desc=f"train {cfg.arch}")
-    log = open(sd / ts.LOG, "a")
-    t_run, t_log, tok_log = time.perf_counter(), time.perf_counter(), meta.tokens
-    seconds0 = meta.seconds
-    batches = _prefetch(cache.batches(B, shuffle=True, seed=cfg.seed, start_batch=step, epochs=epochs),
+    t_run, seconds0 = time.perf_counter(), meta.seconds
+    batches = _prefetch(run.cache.batches(B, shuffle=True, seed=cfg.seed, start_batch=step, epochs=run.epochs),
                         pin=dev.type == "cuda")
     stack = contextlib.ExitStack()
     encode = stack.enter_context(_precision(cfg.dtype, dev))
     try:
         for x in batches:
-            if step >= total_steps or (max_steps is not None and step >= max_steps):
+            if step >= run.total_steps or (max_steps is not None and step >= max_steps):
                 break
             x = x.to(dev, non_blocking=True) * scale
             dead_mask = tracker.dead_mask()
             dead = tracker.dead_ids()
-            lr = cfg.lr_at(step, total_steps)
+            lr = cfg.lr_at(step, run.total_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            o = optimizer_step(sae, opt, x, cfg.k, ladder, weights, dead, k_aux, cfg.auxk_coef,
+            o = optimizer_step(sae, opt, x, cfg.k, ladder, weights, dead, run.k_aux, cfg.auxk_coef,
                                encode=encode, k_ladder=k_ladder, auxk_norm=cfg.auxk_norm)
             if not torch.isfinite(o.loss):
-                raise RuntimeError(f"loss is {float(o.loss)} at step {step}; lower --lr (state kept in {sd})")
+                raise RuntimeError(f"loss is {float(o.loss)} at step {step}; lower --lr (state kept in "
+                                   f"{run.state_dir})")
             tracker.update(o.sel.indices, o.sel.values, B)
             step += 1
             meta.step, meta.tokens = step, meta.tokens + B
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                tok_s = (meta.tokens - tok_log) / max(now - t_log, 1e-9)
-                rec = _log_line(o, step, meta.tokens, tok_s, float(dead_mask.float().mean()), lr)
-                if step == total_steps:  # these weights are the ones saved: their FVU on this batch
-                    saved = _fvus_now(sae, x, cfg.k, ladder)
-                    rec["fvu_saved"] = saved[-1]
-                    if len(saved) > 1:
-                        rec["fvu_saved_rungs"] = saved
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                metrics.update(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.4f}", dead=f"{rec['dead_frac']:.3f}",
-                                tok_s=f"{tok_s:,.0f}")
-                t_log, tok_log = now, meta.tokens
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+            log.step(o, x, lr, dead_mask)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < run.total_steps:
                 meta.seconds = seconds0 + time.perf_counter() - t_run
-                ts.save_state(sd, sae, opt, since_fired, meta)
+                ts.save_state(run.state_dir, sae, opt, tracker.since_fired, meta)
     finally:
         stack.close()
         batches.close()
-        bar.close()
-        log.close()
     meta.seconds = seconds0 + time.perf_counter() - t_run
-    if step < total_steps:  # stopped early (max_steps): leave a resumable state
-        ts.save_state(sd, sae, opt, since_fired, meta)
-        return out
-    return _finish(cfg, cache, out, sae, meta, since_fired >= window, window, k_aux, total_steps, init_s)
 
 
-def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableSAE, meta: ts.Meta,
-            dead: torch.Tensor, window: int, k_aux: int, total_steps: int, init_s: float) -> Path:
-    man = cache.manifest
-    sd = ts.state_dir(out)
+class _Log:
+    """A run's progress: a JSON line every `log_every` steps and at the last one, in the state's
+    log (copied into the checkpoint at the end), the progress bar and the Prometheus gauges."""
+
+    def __init__(self, run: _Run, progress: bool, metrics_port: int | None):
+        from tqdm import tqdm
+
+        self.run = run
+        self.metrics = _Metrics(metrics_port, run.cfg.arch, run.total_steps * run.cfg.batch_size)
+        self.bar = tqdm(total=run.total_steps, initial=run.meta.step, unit="step", disable=not progress,
+                        dynamic_ncols=True, desc=f"train {run.cfg.arch}")
+        self.file = open(run.state_dir / ts.LOG, "a")
+        self.t_log, self.tok_log = time.perf_counter(), run.meta.tokens
+
+    def step(self, o: Output, x: torch.Tensor, lr: float, dead_mask: torch.Tensor) -> None:
+        """After the optimiser step run.meta now counts: `o` its output on the batch `x` (normalised
+        scale), `dead_mask` the latents that were dead when it ran."""
+        run, cfg, step, tokens = self.run, self.run.cfg, self.run.meta.step, self.run.meta.tokens
+        self.bar.update(1)
+        if step % cfg.log_every and step != run.total_steps:
+            return
+        now = time.perf_counter()
+        tok_s = (tokens - self.tok_log) / max(now - self.t_log, 1e-9)
+        rec = _log_line(o, step, tokens, tok_s, float(dead_mask.float().mean()), lr)
+        if step == run.total_steps:  # these weights are the ones saved: their FVU on this batch
+            saved = _fvus_now(run.sae, x, cfg.k, cfg.loss_ladder())
+            rec["fvu_saved"] = saved[-1]
+            if len(saved) > 1:
+                rec["fvu_saved_rungs"] = saved
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.metrics.update(rec)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.4f}", dead=f"{rec['dead_frac']:.3f}",
+                             tok_s=f"{tok_s:,.0f}")
+        self.t_log, self.tok_log = now, tokens
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+
+
+def _finish(run: _Run) -> Path:
+    """Write the checkpoint from the run's final weights, with its provenance; store an auto ladder
+    if asked; copy the log in and remove the state."""
+    cfg, cache, out, sae, meta = run.cfg, run.cache, run.out, run.sae, run.meta
+    man, sd = cache.manifest, run.state_dir
     with torch.no_grad():  # free decoder rows: their norms folded into the encoder
         W_enc, b_enc, W_dec = (t.detach().cpu().clone() for t in sae.effective())
     final = SAE(W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=sae.b_dec.detach().cpu().clone(), k=cfg.k,
@@ -313,14 +377,14 @@ def _finish(cfg: TrainConfig, cache: ActivationCache, out: Path, sae: TrainableS
         "activations": str(cache.dir),
         "outlier_policy": {"factor": cfg.outlier_factor.factor, "threshold": outliers["threshold"],
                            "excluded": outliers["excluded"], "total": outliers["total"]},
-        "steps": total_steps,
+        "steps": run.total_steps,
         "lr": cfg.base_lr(),
-        "warmup_steps": cfg.warmup_steps(total_steps),
-        "dead_window_tokens": window,
-        "k_aux": k_aux,
-        "final_dead_fraction": float(dead.float().mean()),
+        "warmup_steps": cfg.warmup_steps(run.total_steps),
+        "dead_window_tokens": run.window,
+        "k_aux": run.k_aux,
+        "final_dead_fraction": float(run.tracker.dead_mask().float().mean()),
         "wall_time_s": meta.seconds,
-        "init_time_s": init_s,
+        "init_time_s": run.init_s,
         "tokens_per_s": meta.tokens / meta.seconds if meta.seconds > 0 else None,
         "threads": torch.get_num_threads(),
         "trained_on": str(next(sae.parameters()).device),
