@@ -17,6 +17,11 @@ starting); the share of calls the first new replica served within 20 s of becomi
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.support
+
 import argparse
 import json
 import tempfile
@@ -42,8 +47,9 @@ def main() -> None:
     from ray import serve
 
     from progsae.clients import Client
-    from progsae.server import launch, testing
+    from progsae.server import launch
     from progsae.server.config import AppConfig
+    from tests.support import synthetic as testing
 
     root = Path(tempfile.mkdtemp())
     testing.make_checkpoint(root / "ck", d=a.d_in, m=a.d_sae, k=32, architecture="matryoshka", orderings=False)

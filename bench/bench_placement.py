@@ -13,6 +13,11 @@ Target: loads per 1,000 calls on the replica port <= 1.2x those of the proxy.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.support
+
 import argparse
 import json
 import random
@@ -32,8 +37,9 @@ def zipf_mix(n: int, calls: int, s: float, seed: int) -> list[int]:
 
 def run(path: str, root: Path, budget: int, mix: list[int], clients: int, tokens: int) -> dict:
     from progsae.clients import Client
-    from progsae.server import launch, testing
+    from progsae.server import launch
     from progsae.server.config import AppConfig
+    from tests.support import synthetic as testing
 
     cluster = launch.LocalCluster(grpc_port=testing.free_port(), http_port=testing.free_port(), num_cpus=2)
     cfg = AppConfig(checkpoint_root=str(root), codec_replicas=REPLICAS, text=False, model_memory_bytes=budget,
@@ -97,7 +103,8 @@ def main() -> None:
     p.add_argument("--json", default="")
     a = p.parse_args()
 
-    from progsae.server import admission, testing
+    from progsae.server import admission
+    from tests.support import synthetic as testing
 
     root = Path(tempfile.mkdtemp())
     for i in range(MODELS):

@@ -16,6 +16,11 @@ process. Every path serves the same synthetic checkpoints in the same run, measu
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.support
+
 import argparse
 import os
 import platform
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from progsae.server.testing import free_port
+from tests.support.synthetic import free_port
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -117,13 +122,14 @@ def main() -> None:
     import torch
 
     from progsae.clients import Client
-    from progsae.server import launch, testing
+    from progsae.server import launch
     from progsae.server.config import AppConfig
     from progsae.server.grpc_server import PlainServer
     from progsae.server.registry import Registry, RegistryConfig
     from progsae.server.service import CodecService, ServiceConfig
     from progsae.v1 import convert
     from progsae.v1 import progsae_pb2 as pb
+    from tests.support import synthetic as testing
 
     torch.set_num_threads(1)
     sizes = [int(m) for m in args.d_sae.split(",")]

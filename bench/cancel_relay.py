@@ -13,6 +13,11 @@ with the generated function instead of progsae.server.ray_proxy's (Ray's proxy a
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.support
+
 import argparse
 import json
 import os
@@ -25,10 +30,11 @@ import numpy as np
 
 from progsae.clients import Client
 from progsae.server import app as appmod
-from progsae.server import launch, testing
+from progsae.server import launch
 from progsae.server.config import AppConfig
-from progsae.server.testing import free_port
 from progsae.v1.convert import SparseArrays
+from tests.support import synthetic as testing
+from tests.support.synthetic import free_port
 
 STOCK = "progsae.v1.progsae_pb2_grpc.add_ProgsaeServicer_to_server"
 

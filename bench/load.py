@@ -2,7 +2,7 @@
 
 Bounded in time (--duration) and count (--max-calls), loopback only. Either drives a running server
 (--target host:port) or, with --spawn, writes small synthetic checkpoints (core checkpoint.save via
-progsae.server.testing), starts `progsae serve` on them on free loopback ports, and stops it afterwards.
+tests.support.synthetic), starts `progsae serve` on them on free loopback ports, and stops it afterwards.
 
 Reports: failed calls by status (must be zero), per-method p50/p99 latency, whether every stream ended
 complete or stopped for a budget its own request set, the RSS of every server process (Ray's replicas,
@@ -14,6 +14,11 @@ proxy, controller, raylet, GCS ...) at start and end, and the codec replica coun
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.support
 
 import argparse
 import json
@@ -33,7 +38,7 @@ import numpy as np
 import psutil
 
 from progsae.clients import Client, ProgsaeError
-from progsae.server.testing import free_port
+from tests.support.synthetic import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 REPLICA_TAG = "ServeReplica:progsae:Codec"
@@ -44,7 +49,7 @@ D, M = 64, 2048
 
 
 def make_checkpoints(root: Path) -> list[Path]:
-    from progsae.server import testing
+    from tests.support import synthetic as testing
 
     return [testing.make_checkpoint(root / "topk", d=D, m=M, k=16, model=None),
             testing.make_checkpoint(root / "mat", d=D, m=M, k=16, architecture="matryoshka", orderings=False,
@@ -247,7 +252,7 @@ def percentiles(v: list[float]) -> dict[str, float]:
 
 def prepare(target: str, client_kwargs: dict):
     rng = np.random.default_rng(0)
-    from progsae.server import testing
+    from tests.support import synthetic as testing
 
     xs = {"topk": testing.sample_activations(4096, d=D, m=M, seed=0).numpy(),
           "mat": testing.sample_activations(4096, d=D, m=M, seed=1).numpy()}

@@ -1,0 +1,134 @@
+"""The HTTP/JSON API hosted in-process over one servicer (no Ray): the dashboard's text stream is one
+servicer call, and every route goes through the servicer (auth, resolution, counters)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from progsae.sae import budgets
+from progsae.sae.codec import Codes
+from progsae.server import http_api, http_host
+from progsae.server.registry import Registry, RegistryConfig
+from progsae.server.service import CodecService
+from progsae.server.servicer import ProgsaeServicer
+from progsae.v1 import convert
+from progsae.v1 import progsae_pb2 as pb
+from tests.support import synthetic as testing
+
+TEXT = "The Eiffel Tower is in Paris, and the Louvre is close by."
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("http")
+    # a synthetic dictionary at the real LM's width: the text runs through the real SmolLM2 (layer 3)
+    testing.make_checkpoint(root / "mat", d=576, m=256, k=8, architecture="matryoshka", orderings=False,
+                            model="smollm2-135m", layer=3)
+    return root
+
+
+def serve(root: Path, token: str = "") -> tuple[TestClient, ProgsaeServicer]:
+    registry = Registry(RegistryConfig(root=str(root)))
+    servicer = ProgsaeServicer(registry, CodecService(), token=token)
+    return TestClient(http_host.host(servicer, http_api.api)), servicer
+
+
+def sse(body: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_a_text_stream_is_one_pass(root):
+    """One dashboard stream: one model resolution, one LM run, one encode, counted once; each rung's
+    features are exactly the latents it decoded first, largest first (checked against the codes of a
+    separate EncodeText of the same text)."""
+    client, sv = serve(root)
+    stats = sv.service.stats
+    r = client.post("/api/stream", json={"model_id": "mat", "text": TEXT, "top": 3})
+    assert r.status_code == 200
+    events = sse(r.text)
+    assert [e for e, _ in events][0] == "header" and [e for e, _ in events][-1] == "end"
+    assert dict(stats.work) == {"resolve": 1, "lm": 1, "encode": 1}
+    assert stats.requests == {"http:StreamText:OK": 1}
+    assert stats.streams_started == stats.streams_completed == 1
+
+    header = events[0][1]
+    enc = client.post("/api/encode_text", json={"model_id": "mat", "text": TEXT}).json()
+    assert header["tokens"] == enc["tokens"] and header["n_tokens"] == len(enc["tokens"])
+    idx = [t["indices"] for t in enc["codes"]]
+    val = [t["values"] for t in enc["codes"]]
+    w = max(map(len, idx))
+    codes = Codes(torch.tensor([i + [0] * (w - len(i)) for i in idx]),
+                  torch.tensor([v + [0.0] * (w - len(v)) for v in val]))
+    rungs = [d for e, d in events if e == "rung"]
+    assert [d["g"] for d in rungs] == list(header["ladder"])
+    prev = torch.zeros_like(codes.indices, dtype=torch.bool)
+    for d in rungs:
+        sel = budgets.select(codes, d["g"])
+        for n, feats in enumerate(d["features"]):
+            new = sel[n] & ~prev[n]
+            expect = sorted(zip(codes.indices[n][new].tolist(), codes.values[n][new].tolist(), strict=True),
+                            key=lambda p: -p[1])[:3]
+            assert [f[0] for f in feats] == [i for i, _ in expect]
+            np.testing.assert_allclose([f[1] for f in feats], [v for _, v in expect], atol=1e-4)
+        prev |= sel
+        assert d["l0"] == sel.sum(-1).tolist()
+
+
+def test_text_stream_deadline_counts_the_language_model(root):
+    """A deadline shorter than the LM's run ends the stream with no rung and reason `deadline`."""
+    client, sv = serve(root)
+    events = sse(client.post("/api/stream", json={"model_id": "mat", "text": TEXT,
+                                                  "budget": {"deadline_ms": 1}}).text)
+    assert [e for e, _ in events] == ["header", "end"]
+    assert events[-1][1]["stop_reason"] == "deadline" and events[-1][1]["rungs"] == 0
+
+
+def test_routes_are_servicer_calls(root):
+    """/api/models/{id} and /api/stats are GetModel and GetServerStats; errors answer {code, message}."""
+    client, sv = serve(root)
+    assert client.get("/api/models/mat").json()["model_id"] == "mat@none"
+    assert client.get("/api/stats").json()["requests"] == {"http:GetModel:OK": 1}
+    bad = client.get("/api/models/..%2Fetc")
+    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_ARGUMENT"
+    missing = client.get("/api/models/nope")
+    assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
+    assert sv.service.stats.requests["http:GetModel:NOT_FOUND"] == 1
+    x = testing.sample_activations(4, d=576, m=256).tolist()
+    bad_json = client.post("/api/stream", content=b"{not json")
+    assert bad_json.status_code == 400 and bad_json.json()["code"] == "INVALID_ARGUMENT"
+    events = sse(client.post("/api/stream", json={"model_id": "mat", "activations": x}).text)
+    assert [e for e, _ in events][-1] == "end" and sv.service.stats.requests["http:StreamEvents:OK"] == 1
+
+
+def test_every_api_route_needs_the_token(root):
+    client, _ = serve(root, token="s3cret")
+    for path in ("/api/models", "/api/models/mat", "/api/stats", "/api/overview",
+                 "/api/feature?model_id=mat&latent=1", "/api/labels?model_id=mat&latents=1"):
+        r = client.get(path)
+        assert r.status_code == 401 and r.json()["code"] == "UNAUTHENTICATED", path
+    for path in ("/api/stream", "/api/encode", "/api/decode", "/api/encode_text"):
+        assert client.post(path, content=b"{").status_code == 401, path
+    ok = client.get("/api/overview", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["checkpoints"][0]["name"] == "mat"
+    assert client.get("/").status_code == 200  # the page itself asks for the token
+
+
+def test_encode_decode_round_trip(root):
+    client, _ = serve(root)
+    x = testing.sample_activations(3, d=576, m=256).numpy()
+    enc = client.post("/api/encode", json={"model_id": "mat", "activations": x.tolist()}).json()
+    dec = client.post("/api/decode", json={"model_id": "mat", "codes": enc["codes"], "granularity": 256}).json()
+    assert np.asarray(dec["reconstruction"]).shape == x.shape
+    r = client.post("/api/decode", json={"model_id": "mat", "codes": enc["codes"], "granularity": "x"})
+    assert r.status_code == 400 and r.json()["code"] == "INVALID_ARGUMENT"
+    assert convert.STOP_REASONS[pb.STOP_REASON_DEADLINE] == "deadline"
