@@ -11,7 +11,7 @@ then registers the service as the generated function does:
   `WorkerCrashedError`, a lost object) and Ray answers INTERNAL with Ray's multi-line message. The call
   never reached a bug of ours: the service is briefly short of a replica, which is what UNAVAILABLE
   means, and clients retry UNAVAILABLE. Measured on a two-node cluster whose worker raylet was killed
-  under streaming load (tests/test_ray_node_failure.py, RELIABILITY.md): before, in-flight calls ended
+  under streaming load (tests/integration/test_ray_node_failure.py, RELIABILITY.md): before, in-flight calls ended
   INTERNAL; now UNAVAILABLE, one line.
 * **Client cancel of a stream.** grpc.aio cancels a server-streaming handler's task when the client
   cancels or its deadline passes. If that task is parked inside the proxy's await on the replica,
@@ -22,7 +22,7 @@ then registers the service as the generated function does:
   stream. Measured with a stock proxy: 1 of 10 cancels (fast rungs) and 1 of 5 (slow rungs) were lost
   that way. Here every streaming call registers the responses it opened and cancels the unfinished
   ones when gRPC reports the call done (`ServicerContext.add_done_callback`), so a cancel or an expired
-  deadline always reaches the replica, which then stops within one rung (tests/test_ray_cancel.py).
+  deadline always reaches the replica, which then stops within one rung (tests/integration/test_ray_cancel.py).
 
 Both are guarded: with a Ray whose proxy lacks what they hook (`ray.serve._private.proxy`'s
 `get_grpc_response_status` and `ProxyResponseGenerator`), they log a warning and the service is
