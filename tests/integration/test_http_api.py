@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from progsae.sae import budgets
 from progsae.sae.codec import Codes
@@ -132,3 +134,70 @@ def test_encode_decode_round_trip(root):
     r = client.post("/api/decode", json={"model_id": "mat", "codes": enc["codes"], "granularity": "x"})
     assert r.status_code == 400 and r.json()["code"] == "INVALID_ARGUMENT"
     assert convert.STOP_REASONS[pb.STOP_REASON_DEADLINE] == "deadline"
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/api/stream", {"model_id": "mat", "text": TEXT, "top": "x"}, "top"),
+    ("/api/stream", {"model_id": "mat", "text": ["a", "b"]}, "text"),
+    ("/api/stream", {"model_id": "mat", "text": TEXT, "budget": {"max_granularty": 64}}, "budget.max_granularty"),
+    ("/api/stream", {"model_id": "mat", "text": TEXT, "axis": "z"}, "axis"),
+    ("/api/encode_text", {"model_id": "mat", "text": 7}, "text"),
+    ("/api/encode", {"model_id": "mat", "activations": "x"}, "activations"),
+    ("/api/decode", {"model_id": "mat", "codes": [{"indices": [1]}], "granularity": 4}, "codes.0.values"),
+])
+def test_bodies_are_typed(root, path, body, field):
+    """Every route validates its body: a wrong type or an unknown field is INVALID_ARGUMENT naming it."""
+    client, sv = serve(root)
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "INVALID_ARGUMENT" and r.json()["message"].startswith(field), r.json()
+    assert sv.service.stats.work["lm"] == 0  # refused before any work
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True)
+                    | st.text(max_size=12), lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+FIELDS = {
+    "/api/stream": ["model_id", "text", "activations", "budget", "ladder", "k_ladder", "axis", "top", "max_tokens"],
+    "/api/encode": ["model_id", "activations", "prefix_granularity"],
+    "/api/decode": ["model_id", "codes", "granularity"],
+    "/api/encode_text": ["model_id", "text", "max_tokens", "include_activations"],
+}
+
+
+@st.composite
+def http_cases(draw):
+    path = draw(st.sampled_from(sorted(FIELDS)))
+    keys = draw(st.lists(st.sampled_from(FIELDS[path] + ["extra"]), max_size=4, unique=True))
+    body = {k: draw(JSON) for k in keys}
+    if draw(st.booleans()):
+        body["model_id"] = "mat"
+    if path == "/api/stream" and draw(st.booleans()):
+        body["activations"] = draw(st.lists(st.lists(st.floats(allow_nan=True, width=32), min_size=576,
+                                                     max_size=576), min_size=0, max_size=3))
+    return path, body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=http_cases())
+def test_http_api_fuzzed(root, case):
+    """Random JSON on every POST route: a clear status with a one-line {code, message}, or a stream whose
+    error event is one line; never INTERNAL, never a traceback."""
+    global _FUZZ
+    if _FUZZ is None:
+        _FUZZ = serve(root)[0]
+    path, body = case
+    r = _FUZZ.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})  # NaN allowed
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        assert r.status_code == 200
+        for event, data in sse(r.text):
+            if event == "error":
+                assert data["code"] != "INTERNAL" and "\n" not in data["message"], data
+        return
+    assert r.status_code in (200, 400, 404, 412, 413, 501), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        err = r.json()
+        assert err["code"] != "INTERNAL" and "\n" not in err["message"] and "Traceback" not in err["message"]
+
+
+_FUZZ = None

@@ -25,13 +25,15 @@ and responses (and a stream's events) into JSON. The host hands its servicer ove
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
+from pydantic import ValidationError
 
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
@@ -40,6 +42,7 @@ from . import stream
 from .call import HttpCall
 from .errors import ServiceError, internal, invalid
 from .http_host import servicer_of
+from .http_models import Budget, DecodeBody, EncodeBody, EncodeTextBody, StreamBody, TokenCodes
 from .servicer import ProgsaeServicer
 from .text import TextActivations
 
@@ -54,6 +57,22 @@ def error_response(e: ServiceError) -> JSONResponse:
 @api.exception_handler(ServiceError)
 async def _service_error(_request: Request, e: ServiceError) -> JSONResponse:
     return error_response(e)
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_body(_request: Request, e: RequestValidationError) -> JSONResponse:
+    """A body that does not fit its model (http_models): INVALID_ARGUMENT naming the first bad field."""
+    return error_response(invalid(_first_error(e.errors())))
+
+
+def _first_error(errors: Sequence[Any]) -> str:
+    if not errors:
+        return "request body is not valid"
+    err = errors[0]
+    where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request body"
+    if err.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 @api.exception_handler(Exception)
@@ -88,16 +107,16 @@ def _codes_json(s: convert.SparseArrays) -> list[dict[str, list]]:
             for n in range(s.tokens)]
 
 
-def _codes_msg(tokens: Any) -> pb.SparseCodes:
-    if not isinstance(tokens, list) or not all(isinstance(t, dict) for t in tokens):
-        raise invalid("codes must be a list of {indices, values} objects, one per token")
-    counts = [len(t.get("indices", [])) for t in tokens]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+def _codes_msg(tokens: Sequence[TokenCodes]) -> pb.SparseCodes:
+    for n, t in enumerate(tokens):
+        if len(t.indices) != len(t.values):
+            raise invalid(f"codes.{n}: {len(t.indices)} indices but {len(t.values)} values")
+    offsets = np.concatenate([[0], np.cumsum([len(t.indices) for t in tokens])]).astype(np.int64)
     try:
-        idx = np.array([i for t in tokens for i in t.get("indices", [])], dtype=np.int64)
-        val = np.array([v for t in tokens for v in t.get("values", [])], dtype=np.float32)
-    except (TypeError, ValueError):
-        raise invalid("codes indices must be integers and values numbers") from None
+        idx = np.array([i for t in tokens for i in t.indices], dtype=np.int64)
+        val = np.array([v for t in tokens for v in t.values], dtype=np.float32)
+    except OverflowError:
+        raise invalid("codes indices must fit in 64 bits") from None
     return convert.codes_from_csr(convert.SparseArrays(offsets, idx, val))
 
 
@@ -107,23 +126,6 @@ def _tensor(rows: Any, field: str) -> pb.Tensor:
     except (TypeError, ValueError):
         raise invalid(f"{field} must be a list of equal-length lists of numbers") from None
     return convert.from_numpy(a)
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise invalid("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise invalid("request body must be a JSON object")
-    return body
-
-
-def _int(v: Any, field: str) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise invalid(f"{field} must be an integer, got {str(v)[:40]!r}") from None
 
 
 @api.get("/api/models")
@@ -148,37 +150,31 @@ async def stats(request: Request) -> Any:
 
 
 @api.post("/api/encode")
-async def encode(request: Request) -> Any:
-    b = await _body(request)
-    req = pb.EncodeRequest(model_id=str(b.get("model_id", "")), activations=_tensor(b.get("activations"),
-                                                                                    "activations"))
-    if b.get("prefix_granularity"):
-        req.mode, req.granularity = pb.ENCODE_MODE_PREFIX, _int(b["prefix_granularity"], "prefix_granularity")
+async def encode(request: Request, body: EncodeBody) -> Any:
+    req = pb.EncodeRequest(model_id=body.model_id, activations=_tensor(body.activations, "activations"))
+    if body.prefix_granularity:
+        req.mode, req.granularity = pb.ENCODE_MODE_PREFIX, body.prefix_granularity
     resp = await servicer_of(request).Encode(req, HttpCall(request.headers))
     return {"model_id": resp.model_id, "granularity": resp.granularity,
             "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
 
 
 @api.post("/api/decode")
-async def decode(request: Request) -> Any:
-    b = await _body(request)
-    req = pb.DecodeRequest(model_id=str(b.get("model_id", "")), codes=_codes_msg(b.get("codes")),
-                           granularity=_int(b.get("granularity", 0), "granularity"))
+async def decode(request: Request, body: DecodeBody) -> Any:
+    req = pb.DecodeRequest(model_id=body.model_id, codes=_codes_msg(body.codes), granularity=body.granularity)
     resp = await servicer_of(request).DecodeAtGranularity(req, HttpCall(request.headers))
     return {"model_id": resp.model_id, "granularity": resp.granularity, "l0": list(resp.l0),
             "reconstruction": convert.to_numpy(resp.reconstruction).tolist()}
 
 
 @api.post("/api/encode_text")
-async def encode_text(request: Request) -> Any:
-    b = await _body(request)
-    req = pb.EncodeTextRequest(model_id=str(b.get("model_id", "")), text=str(b.get("text", "")),
-                               max_tokens=_int(b.get("max_tokens", 0), "max_tokens"))
+async def encode_text(request: Request, body: EncodeTextBody) -> Any:
+    req = pb.EncodeTextRequest(model_id=body.model_id, text=body.text, max_tokens=body.max_tokens)
     resp = await servicer_of(request).EncodeText(req, HttpCall(request.headers))
     out = {"model_id": resp.model_id, "language_model": resp.language_model, "layer": resp.layer,
            "token_ids": list(resp.token_ids), "tokens": list(resp.tokens),
            "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
-    if b.get("include_activations"):
+    if body.include_activations:
         out["activations"] = convert.to_numpy(resp.activations).tolist()
     return out
 
@@ -190,44 +186,30 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _stream_request(body: dict[str, Any]) -> pb.StreamDecodeRequest:
-    """The JSON body's model, budget, ladders and axis as a StreamDecodeRequest (the servicer
-    validates the values); its input is set by the caller."""
-    req = pb.StreamDecodeRequest(model_id=str(body.get("model_id", "")), payload=pb.PAYLOAD_NONE, per_token_l0=True)
-    budget = body.get("budget") or {}
-    if not isinstance(budget, dict):
-        raise invalid("budget must be a JSON object")
-    try:
-        for key in ("max_granularity", "deadline_ms", "max_k"):
-            if budget.get(key) is not None:
-                setattr(req.budget, key, int(budget[key]))
-        for key in ("target_fvu", "token_target_fvu"):
-            if budget.get(key) is not None:
-                setattr(req.budget, key, float(budget[key]))
-        req.ladder.extend(int(g) for g in body.get("ladder") or ())
-        req.k_ladder.extend(int(k) for k in body.get("k_ladder") or ())
-    except (TypeError, ValueError):
-        raise invalid("budget values and ladders must be numbers") from None
-    axis = body.get("axis") or "g"
-    if axis not in ("g", "k"):
-        raise invalid(f"axis must be 'g' (climb G) or 'k' (climb k'), got {axis!r}")
-    req.axis = pb.STREAM_AXIS_K if axis == "k" else pb.STREAM_AXIS_G
+def _stream_request(body: StreamBody) -> pb.StreamDecodeRequest:
+    """The body's model, budget, ladders and axis as a StreamDecodeRequest (the servicer validates the
+    values); its input is set by the caller."""
+    req = pb.StreamDecodeRequest(model_id=body.model_id, payload=pb.PAYLOAD_NONE, per_token_l0=True)
+    for key, value in body.budget.model_dump(exclude_none=True).items():
+        setattr(req.budget, key, value)
+    req.ladder.extend(body.ladder)
+    req.k_ladder.extend(body.k_ladder)
+    req.axis = pb.STREAM_AXIS_K if body.axis == "k" else pb.STREAM_AXIS_G
     return req
 
 
-async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: StreamBody) -> AsyncIterator[bytes]:
     """SSE events of one stream (one servicer call); errors become an `error` event (the HTTP status
     is already 200)."""
     items = None
     try:
         req = _stream_request(body)
-        text = str(body["text"]) if body.get("text") else None
+        text = body.text or None
         if text is None:
-            if body.get("activations") is None:
+            if body.activations is None:
                 raise invalid("stream needs `text` or `activations`")
-            req.activations.CopyFrom(_tensor(body["activations"], "activations"))
-        top, max_tokens = _int(body.get("top", 8), "top"), _int(body.get("max_tokens", 0), "max_tokens")
-        items = sv.StreamEvents(req, c, top=top, text=text, max_tokens=max_tokens)
+            req.activations.CopyFrom(_tensor(body.activations, "activations"))
+        items = sv.StreamEvents(req, c, top=body.top, text=text, max_tokens=body.max_tokens)
         tokens = None
         async for item in items:
             if isinstance(item, TextActivations):
@@ -267,17 +249,18 @@ def _end_json(e: stream.EndEvent) -> dict[str, Any]:
 @api.get("/api/stream")
 async def stream_get(request: Request) -> StreamingResponse:
     q = request.query_params
-    budget = {k: q.get(k) for k in ("max_granularity", "deadline_ms", "target_fvu", "token_target_fvu", "max_k")
-              if q.get(k)}
-    body = {"model_id": q.get("model_id", ""), "text": q.get("text", ""), "budget": budget,
-            "top": q.get("top", 8), "max_tokens": q.get("max_tokens", 0)}
+    budget = {k: q[k] for k in Budget.model_fields if q.get(k)}
+    fields = {k: q[k] for k in ("model_id", "text", "top", "max_tokens") if q.get(k)}
+    try:
+        body = StreamBody.model_validate({**fields, "budget": budget})
+    except ValidationError as e:
+        raise invalid(_first_error(e.errors())) from None
     return StreamingResponse(_stream_events(servicer_of(request), HttpCall(request.headers), body),
                              media_type="text/event-stream")
 
 
 @api.post("/api/stream")
-async def stream_post(request: Request) -> Any:
-    body = await _body(request)
+async def stream_post(request: Request, body: StreamBody) -> Any:
     return StreamingResponse(_stream_events(servicer_of(request), HttpCall(request.headers), body),
                              media_type="text/event-stream")
 
