@@ -219,7 +219,10 @@ def test_browser_every_budget_control(page, app):
     # deadline: 1 ms is spent before the first rung (the language model runs inside it)
     page.fill("#deadline", "1")
     encode(page, text)
-    assert panel_state(page) == {"rungs": 0, "stop": "deadline", "shown": f"0 / {n}", "stopped": "deadline reached"}
+    state = panel_state(page)
+    assert {k: state[k] for k in ("rungs", "stop", "shown")} == {"rungs": 0, "stop": "deadline", "shown": f"0 / {n}"}
+    # said plainly: the deadline is shorter than the language model alone (issue 22 item 1)
+    assert state["stopped"].startswith("deadline shorter than the language model alone needs (")
     assert page.locator(".ladder .rung.reached").count() == 0 and page.locator(".stream .feat").count() == 0
     page.fill("#deadline", "")
     # target FVU: the fixture's first rung reconstructs to FVU 0.88 (the full ladder to 0.2)
@@ -296,3 +299,21 @@ def test_browser_errors(page, app):
     open_page(page, app, "?model=nope&run=1")
     page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
     assert "unknown model" in page.inner_text("#error")
+
+
+def test_browser_shows_lm_and_sae_time_apart_and_a_cut_text(page, app):
+    """The language model's time and the SAE's are shown apart, and they add up to the elapsed time; a
+    text longer than the server's token limit is cut with a notice that keeps the whole count."""
+    open_page(page, app)
+    encode(page, "The cat sat on the mat because it was warm.")
+    timing = page.inner_text(".stream .timing")
+    lm, sae = (float(v) for v in re.findall(r"([0-9.]+) ms", timing))
+    assert timing.startswith("language model") and lm > 0 and sae >= 0
+    assert abs(lm + sae - float(page.inner_text(".stream .ms"))) < 0.2
+    assert page.locator(".stream .trunc").is_hidden()
+    long = "\U0001F9EC" * 190  # 380 UTF-16 units, within the page's 400, but 570 byte-level tokens (> 512)
+    encode(page, long)
+    note = page.inner_text(".stream .trunc")
+    total = int(re.search(r"of (\d+) tokens", note).group(1))
+    assert page.locator(".stream .trunc").is_visible() and "first 512 of" in note and total > 512
+    assert page.locator(".stream .tok").count() == 512

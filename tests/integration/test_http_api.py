@@ -38,7 +38,7 @@ def root(tmp_path_factory) -> Path:
 def serve(root: Path, token: str = "") -> tuple[TestClient, ProgsaeServicer]:
     registry = Registry(RegistryConfig(root=str(root)))
     servicer = ProgsaeServicer(registry, CodecService(), token=token)
-    return TestClient(http_host.host(servicer, http_api.api)), servicer
+    return TestClient(http_host.host(servicer, http_api.build_api())), servicer  # its own app, not Serve's
 
 
 def sse(body: str) -> list[tuple[str, dict]]:
@@ -201,3 +201,15 @@ def test_http_api_fuzzed(root, case):
 
 
 _FUZZ = None
+
+
+def test_a_cut_text_is_reported_with_its_token_count(root):
+    """Issue 22 item 2: EncodeText and the stream say when the text was cut, keeping the whole count."""
+    client, _ = serve(root)
+    short = client.post("/api/encode_text", json={"model_id": "mat", "text": TEXT}).json()
+    assert short["truncated"] is False and short["text_tokens"] == len(short["tokens"])
+    cut = client.post("/api/encode_text", json={"model_id": "mat", "text": TEXT, "max_tokens": 5}).json()
+    assert cut["truncated"] is True and len(cut["tokens"]) == 5 and cut["text_tokens"] == short["text_tokens"]
+    header = sse(client.post("/api/stream", json={"model_id": "mat", "text": TEXT, "max_tokens": 5}).text)[0][1]
+    assert header["truncated"] is True and header["n_tokens"] == 5 and header["text_tokens"] == short["text_tokens"]
+    assert header["lm_ms"] > 0

@@ -275,7 +275,7 @@ class EncodeTextRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., packed_codes: _Optional[bool] = ...) -> None: ...
 
 class EncodeTextResponse(_message.Message):
-    __slots__ = ("model_id", "token_ids", "tokens", "codes", "activations", "language_model", "layer")
+    __slots__ = ("model_id", "token_ids", "tokens", "codes", "activations", "language_model", "layer", "text_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +283,7 @@ class EncodeTextResponse(_message.Message):
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: _containers.RepeatedScalarFieldContainer[str]
@@ -290,7 +291,8 @@ class EncodeTextResponse(_message.Message):
     activations: Tensor
     language_model: str
     layer: int
-    def __init__(self, model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
+    text_tokens: int
+    def __init__(self, model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ..., text_tokens: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
@@ -46,7 +46,7 @@ from .http_models import Budget, DecodeBody, EncodeBody, EncodeTextBody, StreamB
 from .servicer import ProgsaeServicer
 from .text import TextActivations
 
-api = FastAPI(title="progsae", description="Progressive SAE codec: HTTP/JSON API")
+router = APIRouter()
 
 
 def error_response(e: ServiceError) -> JSONResponse:
@@ -54,12 +54,10 @@ def error_response(e: ServiceError) -> JSONResponse:
     return JSONResponse({"code": e.status.value, "message": e.message}, status_code=e.status.http)
 
 
-@api.exception_handler(ServiceError)
 async def _service_error(_request: Request, e: ServiceError) -> JSONResponse:
     return error_response(e)
 
 
-@api.exception_handler(RequestValidationError)
 async def _bad_body(_request: Request, e: RequestValidationError) -> JSONResponse:
     """A body that does not fit its model (http_models): INVALID_ARGUMENT naming the first bad field."""
     return error_response(invalid(_first_error(e.errors())))
@@ -75,12 +73,10 @@ def _first_error(errors: Sequence[Any]) -> str:
     return f"{where}: {err.get('msg', 'invalid')}"
 
 
-@api.exception_handler(Exception)
 async def _unexpected(_request: Request, e: Exception) -> JSONResponse:
     return error_response(internal(e))  # one line to the client, the traceback to the server log
 
 
-@api.middleware("http")
 async def _authorize(request: Request, call_next):
     """Every /api route needs the servicer's token (its `authorize`), checked before the body is read."""
     if request.url.path.startswith("/api"):
@@ -128,18 +124,18 @@ def _tensor(rows: Any, field: str) -> pb.Tensor:
     return convert.from_numpy(a)
 
 
-@api.get("/api/models")
+@router.get("/api/models")
 async def models(request: Request) -> Any:
     resp = await servicer_of(request).ListModels(pb.ListModelsRequest(), HttpCall(request.headers))
     return {"default_model_id": resp.default_model_id, "models": [_info(m) for m in resp.models]}
 
 
-@api.get("/api/models/{model_id:path}")
+@router.get("/api/models/{model_id:path}")
 async def model(request: Request, model_id: str) -> Any:
     return _info(await servicer_of(request).GetModel(pb.GetModelRequest(model_id=model_id), HttpCall(request.headers)))
 
 
-@api.get("/api/stats")
+@router.get("/api/stats")
 async def stats(request: Request) -> Any:
     st = await servicer_of(request).GetServerStats(pb.ServerStatsRequest(), HttpCall(request.headers))
     out = json_format.MessageToDict(st, preserving_proto_field_name=True)
@@ -149,7 +145,7 @@ async def stats(request: Request) -> Any:
     return out
 
 
-@api.post("/api/encode")
+@router.post("/api/encode")
 async def encode(request: Request, body: EncodeBody) -> Any:
     req = pb.EncodeRequest(model_id=body.model_id, activations=_tensor(body.activations, "activations"))
     if body.prefix_granularity:
@@ -159,7 +155,7 @@ async def encode(request: Request, body: EncodeBody) -> Any:
             "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
 
 
-@api.post("/api/decode")
+@router.post("/api/decode")
 async def decode(request: Request, body: DecodeBody) -> Any:
     req = pb.DecodeRequest(model_id=body.model_id, codes=_codes_msg(body.codes), granularity=body.granularity)
     resp = await servicer_of(request).DecodeAtGranularity(req, HttpCall(request.headers))
@@ -167,12 +163,13 @@ async def decode(request: Request, body: DecodeBody) -> Any:
             "reconstruction": convert.to_numpy(resp.reconstruction).tolist()}
 
 
-@api.post("/api/encode_text")
+@router.post("/api/encode_text")
 async def encode_text(request: Request, body: EncodeTextBody) -> Any:
     req = pb.EncodeTextRequest(model_id=body.model_id, text=body.text, max_tokens=body.max_tokens)
     resp = await servicer_of(request).EncodeText(req, HttpCall(request.headers))
     out = {"model_id": resp.model_id, "language_model": resp.language_model, "layer": resp.layer,
-           "token_ids": list(resp.token_ids), "tokens": list(resp.tokens),
+           "token_ids": list(resp.token_ids), "tokens": list(resp.tokens), "text_tokens": resp.text_tokens,
+           "truncated": resp.text_tokens > len(resp.token_ids),
            "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
     if body.include_activations:
         out["activations"] = convert.to_numpy(resp.activations).tolist()
@@ -210,14 +207,15 @@ async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: StreamBody) -> 
                 raise invalid("stream needs `text` or `activations`")
             req.activations.CopyFrom(_tensor(body.activations, "activations"))
         items = sv.StreamEvents(req, c, top=body.top, text=text, max_tokens=body.max_tokens)
-        tokens = None
+        text_out: TextActivations | None = None
         async for item in items:
             if isinstance(item, TextActivations):
-                tokens = list(item.tokens)
+                text_out = item
             elif isinstance(item, stream.Header):
-                yield _sse("header", {"model_id": item.model_id, "ladder": list(item.ladder), "tokens": tokens,
+                yield _sse("header", {"model_id": item.model_id, "ladder": list(item.ladder),
+                                      "tokens": list(text_out.tokens) if text_out else None,
                                       "n_tokens": item.tokens, "axis": "k" if item.k_ladder else "g",
-                                      "k_ladder": list(item.k_ladder)})
+                                      "k_ladder": list(item.k_ladder), **_text_info(text_out, item.tokens)})
             else:
                 if isinstance(item, stream.RungEvent):
                     yield _sse("rung", _rung_json(item))
@@ -230,6 +228,15 @@ async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: StreamBody) -> 
     finally:
         if items is not None:
             await items.aclose()
+
+
+def _text_info(ta: TextActivations | None, n: int) -> dict[str, Any]:
+    """What the language model did for a text stream: its time (the deadline counts it) and whether the
+    text was cut, with the whole text's token count."""
+    if ta is None:
+        return {"lm_ms": None, "text_tokens": None, "truncated": False}
+    total = ta.text_tokens or n
+    return {"lm_ms": round(ta.lm_ms, 2), "text_tokens": total, "truncated": total > n}
 
 
 def _rung_json(r: stream.RungEvent) -> dict[str, Any]:
@@ -246,7 +253,7 @@ def _end_json(e: stream.EndEvent) -> dict[str, Any]:
             "token_met": e.token_met or []}
 
 
-@api.get("/api/stream")
+@router.get("/api/stream")
 async def stream_get(request: Request) -> StreamingResponse:
     q = request.query_params
     budget = {k: q[k] for k in Budget.model_fields if q.get(k)}
@@ -259,12 +266,26 @@ async def stream_get(request: Request) -> StreamingResponse:
                              media_type="text/event-stream")
 
 
-@api.post("/api/stream")
+@router.post("/api/stream")
 async def stream_post(request: Request, body: StreamBody) -> Any:
     return StreamingResponse(_stream_events(servicer_of(request), HttpCall(request.headers), body),
                              media_type="text/event-stream")
 
 
-from .dashboard import router as dashboard_router  # noqa: E402  (the page at / and its routes)
+def build_api() -> FastAPI:
+    """The HTTP app: the JSON API, the dashboard's page and routes, the error handlers and the auth check.
+    Each call builds a new app (a test hosts its own; Serve pickles `api`)."""
+    from .dashboard import router as dashboard_router
 
-api.include_router(dashboard_router)
+    app = FastAPI(title="progsae", description="Progressive SAE codec: HTTP/JSON API")
+    app.add_exception_handler(ServiceError, _service_error)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(RequestValidationError, _bad_body)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(Exception, _unexpected)
+    app.middleware("http")(_authorize)
+    app.include_router(router)
+    app.include_router(dashboard_router)
+    return app
+
+
+api = build_api()
+"""The app the Codec deployment serves (serve.ingress)."""

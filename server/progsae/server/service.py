@@ -241,6 +241,7 @@ class CodecService:
             model_id=model.id, token_ids=list(ta.token_ids), tokens=list(ta.tokens),
             codes=convert.codes_from_arrays(_np(codes.indices), _np(codes.values), packed=packed),
             activations=convert.from_numpy(x.numpy()), language_model=ta.language_model, layer=ta.layer,
+            text_tokens=ta.text_tokens or len(ta.token_ids),
         )
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -15,6 +15,7 @@ further rung.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -312,7 +313,9 @@ class ProgsaeServicer:
                                f"model {model.id} names no language model and layer; text needs both")
         n = self._text_tokens(max_tokens)
         self.service.stats.count("lm")
-        return await self._text(model.meta.model, int(model.meta.layer), text, n)
+        t0 = time.perf_counter()
+        ta = await self._text(model.meta.model, int(model.meta.layer), text, n)
+        return dataclasses.replace(ta, lm_ms=1e3 * (time.perf_counter() - t0))
 
     def StreamEvents(self, request: pb.StreamDecodeRequest, call: Call, *, top: int = 8, text: str | None = None,
                      max_tokens: int = 0) -> AsyncGenerator[TextActivations | stream.Event, None]:

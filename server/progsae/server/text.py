@@ -29,6 +29,10 @@ class TextActivations:
     """[N, d_model] float32, one row per token (the start-of-context token excluded)."""
     language_model: str
     layer: int
+    text_tokens: int = 0
+    """Tokens the whole text has (more than len(token_ids) when it was cut at max_tokens)."""
+    lm_ms: float = 0.0
+    """Time the language model took, ms (set by the servicer, which times the whole call to it)."""
 
 
 def _models():
@@ -84,7 +88,8 @@ class TextBackend:
         except ValueError as e:
             raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r} unavailable: {e}") from None
         lm = self.lm(alias)
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: max(1, max_tokens)]
+        all_ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = all_ids[: max(1, max_tokens)]
         if not ids:
             raise invalid("text has no tokens")
         input_ids = torch.tensor([[lm.start_token_id, *ids]])
@@ -95,4 +100,4 @@ class TextBackend:
                 raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r}: {e}") from None
         acts = hidden[0, 1:].float().numpy()
         tokens = [lm.tokenizer.decode([i]) for i in ids]
-        return TextActivations(list(map(int, ids)), tokens, acts, lm.alias, int(layer))
+        return TextActivations(list(map(int, ids)), tokens, acts, lm.alias, int(layer), len(all_ids))

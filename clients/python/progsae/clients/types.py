@@ -111,6 +111,12 @@ class TextEncoded:
     activations: np.ndarray
     language_model: str
     layer: int
+    text_tokens: int = 0
+    """Tokens of the whole text: more than len(tokens) when the server cut it (revision 4; 0 from older servers)."""
+
+    @property
+    def truncated(self) -> bool:
+        return self.text_tokens > len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -235,4 +241,4 @@ def accumulate(result: StreamResult, rung: Rung) -> None:
 
 def text_encoded(resp: pb.EncodeTextResponse) -> TextEncoded:
     return TextEncoded(resp.model_id, list(resp.token_ids), list(resp.tokens), convert.codes_to_arrays(resp.codes),
-                       convert.to_numpy(resp.activations), resp.language_model, resp.layer)
+                       convert.to_numpy(resp.activations), resp.language_model, resp.layer, resp.text_tokens)

@@ -177,6 +177,8 @@ function streamPanel(modelId) {
     el("div", { class: "ladder" }),
     el("div", { class: "stats" }, stat("rungcount", "rung"), stat("g", "G"), stat("k", "k′"), stat("l0", "mean L0"),
       stat("fvu", "FVU"), stat("refining", "refining"), stat("ms", "elapsed ms"), stat("stop", "stopped")),
+    el("div", { class: "note trunc", hidden: "" }),
+    el("div", { class: "note timing muted small", hidden: "" }),
     el("div", { class: "strip", hidden: "" }),
     el("div", { class: "tokens" }, el("span", { class: "muted" }, "running the language model…")));
 }
@@ -190,6 +192,10 @@ function renderHeader(panel, h) {
   panel.dataset.ladderSize = ladder.length;
   panel.querySelector(".ladder").replaceChildren(...ladder.map((v) =>
     el("span", { class: "rung", dataset: { v } }, h.axis === "k" ? `k′ ${v}` : v)));
+  panel._lm = h.lm_ms;
+  const trunc = panel.querySelector(".trunc");
+  trunc.hidden = !h.truncated;
+  trunc.textContent = h.truncated ? `The text was cut to its first ${h.n_tokens} of ${h.text_tokens} tokens (the server's limit).` : "";
   const toks = (h.tokens || Array.from({ length: h.n_tokens }, (_, i) => `#${i}`));
   panel._toks = toks;
   panel._l0 = toks.map(() => 0);
@@ -271,6 +277,15 @@ function renderEnd(panel, e) {
   stop.textContent = STOP_TEXT[e.stop_reason] || e.stop_reason.replace(/_/g, " ");
   stop.className = "stop " + (e.rungs >= size ? "full" : "early");
   panel.querySelector(".ms").textContent = fmt(e.elapsed_ms, 1);
+  // the deadline counts the language model too: show its time and the SAE's apart
+  const timing = panel.querySelector(".timing");
+  if (panel._lm !== null && panel._lm !== undefined) {
+    timing.hidden = false;
+    timing.textContent = `language model ${fmt(panel._lm, 1)} ms · SAE ${fmt(Math.max(0, e.elapsed_ms - panel._lm), 1)} ms`;
+    if (e.stop_reason === "deadline" && !e.rungs) {
+      stop.textContent = `deadline shorter than the language model alone needs (${fmt(panel._lm, 0)} ms)`;
+    }
+  }
   if (!e.rungs) panel.querySelector(".rungcount").textContent = `0 / ${size}`;
   renderStrip(panel, e);
 }
