@@ -230,6 +230,12 @@ def test_browser_every_budget_control(page, app):
     encode(page, text)
     assert panel_state(page) == {"rungs": 1, "stop": "target_fvu", "shown": f"1 / {n}", "stopped": "target FVU reached"}
     assert float(page.inner_text(".stream .fvu")) <= 0.9
+    # a target the ladder cannot reach ends saying so, not green (issue 22 item 4)
+    page.fill("#target-fvu", "0.01")
+    encode(page, text)
+    state = panel_state(page)
+    assert state["stop"] == "ladder_done" and "target FVU 0.01 not met" in state["stopped"]
+    assert page.get_attribute(".stream .stop", "class") == "stop missed"
     page.fill("#target-fvu", "")
     # per-token target: the strip colours each token by its final G; some stop early, some climb
     assert page.locator(".stream .strip").is_hidden()
@@ -244,6 +250,9 @@ def test_browser_every_budget_control(page, app):
     assert f"{sum(met)} / {len(met)} met it" in page.inner_text(".stream .strip-head")
     assert page.locator(".stream .tok.settled").count() >= 1  # a token that stopped before the last rung
     assert re.fullmatch(r"\d+ / \d+", page.inner_text(".stream .refining"))
+    if met.count(False):  # tokens that never met it are said at the end, not a green finish
+        assert f"{met.count(False)} token" in page.inner_text(".stream .stop")
+        assert page.get_attribute(".stream .stop", "class") == "stop missed"
     page.fill("#token-target", "")
     # max k': every rung decodes each token's 2 largest codes
     set_slider(page, "#max-k", K_LADDER.index(2) + 1)

@@ -287,6 +287,20 @@ function renderEnd(panel, e) {
     }
   }
   if (!e.rungs) panel.querySelector(".rungcount").textContent = `0 / ${size}`;
+  // a target the stream did not meet is said, never shown as a green finish
+  const budget = (panel._request || {}).budget || {};
+  const unmet = e.token_met.filter((m) => !m).length;
+  let missed = "";
+  if (budget.target_fvu !== undefined && e.stop_reason !== "target_fvu") {
+    missed = `target FVU ${budget.target_fvu} not met (FVU ${fmt(e.final_fvu, 4)})`;
+  } else if (unmet) {
+    missed = `${unmet} token${unmet > 1 ? "s" : ""} never met the per-token target`;
+  }
+  panel.dataset.missed = missed ? "1" : "0";
+  if (missed) {
+    stop.textContent = `${stop.textContent}: ${missed}`;
+    stop.className = "stop missed";
+  }
   renderStrip(panel, e);
 }
 
@@ -295,7 +309,7 @@ async function streamOne(modelId, panel, text, signal) {
   try {
     resp = await api("/api/stream", {
       method: "POST", headers: { "Content-Type": "application/json" }, signal,
-      body: JSON.stringify({ ...request(modelId), text }),
+      body: JSON.stringify({ ...(panel._request = request(modelId)), text }),
     });
   } catch (e) {
     if (signal.aborted) return;
