@@ -43,7 +43,7 @@ def run(path: str, root: Path, budget: int, mix: list[int], clients: int, tokens
 
     cluster = launch.LocalCluster(grpc_port=testing.free_port(), http_port=testing.free_port(), num_cpus=2)
     cfg = AppConfig(checkpoint_root=str(root), codec_replicas=REPLICAS, text=False, model_memory_bytes=budget,
-                    direct_grpc_port=testing.free_port())
+                    direct_grpc_port=testing.free_port(), forward_direct_calls=True)
     addrs = launch.start(cfg, cluster)
     target = addrs["direct" if path == "direct" else "grpc"]
     x = testing.sample_activations(tokens, d=D, m=M).numpy()

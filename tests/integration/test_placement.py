@@ -27,7 +27,7 @@ def app(tmp_path_factory):
     testing.make_checkpoint(root / "huge", d=D, m=4 * M, k=K, orderings=False, seed=9)  # > the whole budget
     cluster = launch.LocalCluster(grpc_port=testing.free_port(), http_port=testing.free_port())
     cfg = AppConfig(checkpoint_root=str(root), codec_replicas=2, text=False, model_memory_bytes=BUDGET,
-                    direct_grpc_port=testing.free_port())
+                    direct_grpc_port=testing.free_port(), forward_direct_calls=True)
     addrs = launch.start(cfg, cluster)
     yield addrs
     launch.stop()

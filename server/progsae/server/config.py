@@ -59,9 +59,10 @@ class AppConfig:
     """Bytes of model weights a codec replica may hold (serve.multiplexed's LRU, bounded by bytes: the
     least recently used models are unloaded to make room; progsae.server.placement). 0 = a quarter of
     what the replica may use when it starts."""
-    forward_direct_calls: bool = True
+    forward_direct_calls: bool = False
     """A call on a replica's own port for a model that replica does not hold is sent on, through Serve's
-    multiplexed router, to a replica that holds it, instead of loading it there too."""
+    multiplexed router, to a replica that holds it, instead of loading it there too (progsae.server.placement).
+    On in deploy/serve_config.yaml; off by default while one unexplained hang is open (RELIABILITY.md)."""
     replica_memory_bytes: int = 0
     """Most memory one call may need on a codec replica (ServiceConfig.memory_bytes): larger calls are
     refused with RESOURCE_EXHAUSTED before they run. 0 = half of what the replica may use, over
