@@ -62,7 +62,8 @@ class AppConfig:
     forward_direct_calls: bool = False
     """A call on a replica's own port for a model that replica does not hold is sent on, through Serve's
     multiplexed router, to a replica that holds it, instead of loading it there too (progsae.server.placement).
-    On in deploy/serve_config.yaml; off by default while one unexplained hang is open (RELIABILITY.md)."""
+    Off by default while a hang is open (RELIABILITY.md "Known gaps"): such a call then loads the model on
+    the replica it reached."""
     replica_memory_bytes: int = 0
     """Most memory one call may need on a codec replica (ServiceConfig.memory_bytes): larger calls are
     refused with RESOURCE_EXHAUSTED before they run. 0 = half of what the replica may use, over
