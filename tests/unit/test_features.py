@@ -155,7 +155,7 @@ def test_label_names_a_latent_by_its_peaks_then_its_promoted_tokens():
     win = torch.full((3, 3, 3), P)
     win[0, :, 1] = torch.tensor([5, 5, 6])  # latent 0 peaks on " cat" twice, then on " dog"
     win[0, :, 0] = 9  # context around the peak: never part of the label
-    t = {"density": torch.tensor([0.5, 0.0, 0.0]), "top_context": torch.tensor([[0, 1, 2], [P, P, P], [P, P, P]]),
+    t = {"density": torch.tensor([0.05, 0.0, 0.0]), "top_context": torch.tensor([[0, 1, 2], [P, P, P], [P, P, P]]),
          "window_ids": win, "promoted_ids": torch.tensor([[8, 8], [7, 8], [P, P]])}
     cards = feature_cards.FeatureCards(t, {"window": 1, "vocab": {"5": " cat", "6": " dog", "7": "\n", "8": "x"}})
     assert cards.label(0) == "cat · dog" and cards.label(0, words=1) == "cat"
@@ -163,3 +163,23 @@ def test_label_names_a_latent_by_its_peaks_then_its_promoted_tokens():
     assert cards.label(2) == ""
     with pytest.raises(IndexError):
         cards.label(3)
+
+
+def test_label_marks_position_and_dense_latents():
+    """A latent whose top contexts peak on the first token is a position latent whatever tokens those
+    are (issue 22: "of · and" fired first on every text), one that fires on many tokens is dense."""
+    P = feature_cards.PAD
+    win = torch.full((5, 4, 3), P)
+    win[:, :, 1] = torch.tensor([5, 6, 5, 6])  # every latent peaks on " of" / " and"
+    pos = torch.tensor([[1, 1, 1, 1], [1, 1, 7, 1], [1, 7, 7, 2], [4, 4, 4, 4], [1, 1, 9, 9]])
+    ctx = torch.tensor([[0, 1, 2, 3]] * 4 + [[0, 1, P, P]])
+    t = {"density": torch.tensor([0.02, 0.25, 0.03, 0.099, 0.01]), "top_context": ctx,
+         "top_position": torch.where(ctx >= 0, pos, P), "window_ids": win, "promoted_ids": torch.full((5, 2), P)}
+    cards = feature_cards.FeatureCards(t, {"window": 1, "vocab": {"5": " of", "6": " and"}})
+    assert cards.label(0) == "position (first token)"
+    assert cards.label(1) == "position (first token) · dense (fires on 25% of tokens)"  # 3 of 4 peaks
+    assert cards.label(2) == "of · and"  # no position holds 3/4 of its peaks, and it is sparse
+    assert cards.label(3) == "position (token 4)"
+    assert cards.kind(4) == "" and cards.label(4) == "of · and"  # two peaks are too few to call
+    t["density"][2] = 0.4
+    assert cards.label(2) == "dense (fires on 40% of tokens)"

@@ -27,6 +27,13 @@ FORMAT = "progsae-features/1"
 TENSORS, INFO = "features.safetensors", "features.json"
 PAD = -1
 """Index of an empty slot (no context, no token)."""
+DENSE = 0.1
+"""A latent that fires on at least this fraction of the cards' tokens is labelled dense: its top
+contexts then say little about what it means (a TopK SAE's average is k / M, under 1% here)."""
+POSITION_SHARE, POSITION_PEAKS = 0.75, 3
+"""A latent with at least POSITION_PEAKS top contexts, this share of which peak at one position of
+their context, is labelled a position latent (contexts are slices of packed documents, so a
+position says nothing about the text there)."""
 
 
 @dataclass
@@ -70,10 +77,11 @@ class FeatureCards:
                 "max": float(t["max_act"][latent]), "contexts": contexts, "promoted": promoted}
 
     def label(self, latent: int, words: int = 2) -> str:
-        """A short name for a latent's chip: the distinct tokens its top contexts peak on, at most
-        `words` ("cat · dog"), else its first logit-lens tokens, else "" (no context, no lens)."""
-        if not 0 <= latent < self.d_sae:
-            raise IndexError(f"latent {latent} out of range 0..{self.d_sae - 1}")
+        """A short name for a latent's chip: its `kind` when it is a position or dense latent, else the
+        distinct tokens its top contexts peak on, at most `words` ("cat · dog"), else its first
+        logit-lens tokens, else "" (no context, no lens)."""
+        if kind := self.kind(latent):
+            return kind
         t = self.tensors
         vocab: dict[str, str] = self.info.get("vocab", {})
         w = int(self.info.get("window", 0))
@@ -86,6 +94,24 @@ class FeatureCards:
                 out.append(word)
             if len(out) == words:
                 break
+        return " · ".join(out)
+
+    def kind(self, latent: int) -> str:
+        """What a latent is besides its tokens, from the same data as its label: "position (first
+        token)" (or "token p") when its top contexts mostly peak at one position (POSITION_SHARE), "dense
+        (fires on N% of tokens)" when it fires on at least DENSE of them, both joined by " · ", else ""."""
+        if not 0 <= latent < self.d_sae:
+            raise IndexError(f"latent {latent} out of range 0..{self.d_sae - 1}")
+        t = self.tensors
+        out: list[str] = []
+        if "top_position" in t:  # position 0 is the start token, so 1 is a text's first token
+            where = [p for p, c in zip(_ints(t["top_position"][latent]), _ints(t["top_context"][latent])) if c >= 0]
+            top = max(set(where), key=where.count) if where else 0
+            if len(where) >= POSITION_PEAKS and where.count(top) >= POSITION_SHARE * len(where):
+                out.append("position (first token)" if top == 1 else f"position (token {top})")
+        density = float(t["density"][latent])
+        if density >= DENSE:
+            out.append(f"dense (fires on {100 * density:.0f}% of tokens)")
         return " · ".join(out)
 
 

@@ -11,8 +11,9 @@
                                    permutation to the trained order the cards are stored in
     GET /api/labels?model_id&latents=3,17,40
                                    {latent: short label} for feature chips (FeatureCards.label:
-                                   the tokens its top contexts peak on, else its top promoted
-                                   tokens), `latent` in the served order as above
+                                   "position (first token)" / "dense (fires on N% of tokens)" for
+                                   such latents, else the tokens its top contexts peak on, else
+                                   its top promoted tokens), `latent` in the served order as above
 Errors answer {"code", "message"} with the matching HTTP status, like the rest of the API.
 """
 
