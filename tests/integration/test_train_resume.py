@@ -62,6 +62,9 @@ def test_train_writes_checkpoint(cache, tmp_path, arch, recipe):
     tc = m.extra["train_config"]  # the defaults are not recorded: older runs compare equal
     assert {k: tc[k] for k in FREE if k in tc} == recipe
     assert m.extra["tokens_per_s"] > 0 and m.extra["dead_window_tokens"] == 118
+    # the FVU baseline of served texts: per-token variance of the kept rows (the sample covers all 1,200)
+    kept = ActivationCache(cache)
+    assert m.reference_variance == pytest.approx(metrics.token_variance(kept.gather(kept.rows())), rel=1e-9)
     torch.testing.assert_close(ck.sae.W_dec.norm(dim=1) * m.scale, torch.ones(32), rtol=1e-4, atol=1e-4)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30, 35, 37]

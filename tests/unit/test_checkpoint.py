@@ -85,6 +85,25 @@ def test_wrong_shape_and_nan(tmp_path):
     expect_error(path, "W_dec", "NaN")
 
 
+def test_reference_variance_round_trips_and_older_checkpoints_load_without_it(tmp_path):
+    """The FVU baseline a checkpoint records for served texts (issue 22 item 5): kept through save and
+    load; a cfg.json written before it loads with None; a value that is no variance is refused."""
+    path, sae = write(tmp_path)
+    assert ck.load_meta(path).reference_variance is None
+    meta = ck.load_meta(path)
+    meta.reference_variance = 12.5
+    ck.save(path, sae, meta)
+    assert ck.load_meta(path).reference_variance == 12.5
+    cfg = json.loads((path / ck.CFG).read_text())
+    del cfg["progsae"]["reference_variance"]  # as written before the field existed
+    (path / ck.CFG).write_text(json.dumps(cfg))
+    assert ck.load(path).meta.reference_variance is None
+    for bad in (0, -1.0, "12", True):
+        cfg["progsae"]["reference_variance"] = bad
+        (path / ck.CFG).write_text(json.dumps(cfg))
+        expect_error(path, "cfg.json", "reference_variance must be a positive finite number")
+
+
 def test_missing_and_inconsistent_cfg(tmp_path):
     path, _ = write(tmp_path)
     cfg = json.loads((path / ck.CFG).read_text())

@@ -21,6 +21,7 @@ from progsae.sae.metrics import (
     fvu,
     per_token_mean_bootstrap,
     rsa,
+    token_variance,
 )
 
 
@@ -31,6 +32,23 @@ def test_fvu_by_hand():
     assert fvu(x, x_hat) == pytest.approx(0.25, abs=1e-15)
     # about the mean, not about zero: sum ||x||^2 = 30 would give 1/30
     assert fvu(x, x_hat) != pytest.approx(1 / 30)
+
+
+def test_fvu_against_a_fixed_variance():
+    """A checkpoint's reference variance as the baseline (issue 22 item 5): per token, about the
+    sample's own mean; as the denominator it gives the batch FVU back for the batch's own variance,
+    and is small for two similar tokens reconstructed well, whose own variance makes it above 1."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x_hat = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    assert token_variance(x) == pytest.approx(2.0, abs=1e-15)  # (1+1+1+1) / 2 tokens
+    assert fvu(x, x_hat, variance=token_variance(x)) == pytest.approx(fvu(x, x_hat), abs=1e-15)
+    assert fvu(x, x_hat, variance=10.0) == pytest.approx(1 / 20, abs=1e-15)
+    g = torch.Generator().manual_seed(0)
+    train = 3 * torch.randn(5000, 8, generator=g)
+    two = 3 * torch.randn(1, 8, generator=g) + 0.2 * torch.randn(2, 8, generator=g)  # two similar tokens
+    close = two + 0.5 * torch.randn(2, 8, generator=g)  # error 2 per token; training variance 72, theirs 0.16
+    assert token_variance(train) == pytest.approx(72, rel=0.05)
+    assert fvu(two, close, variance=token_variance(train)) < 0.1 < 1 < fvu(two, close)
 
 
 def test_fvu_is_mean_over_whole_set_not_per_batch():

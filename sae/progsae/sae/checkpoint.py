@@ -75,6 +75,10 @@ class CheckpointMeta:
     """Human-readable hook point name."""
     training_tokens: int = 0
     """Tokens seen in training."""
+    reference_variance: float | None = None
+    """E||x - E[x]||^2 per token of the training activations at raw scale (metrics.token_variance over
+    the trainer's normalisation sample, outlier policy applied): the FVU baseline of a text the
+    server encodes. None in checkpoints older than it and in foreign ones (the batch's own then)."""
     extra: dict[str, Any] = field(default_factory=dict[str, Any])
     """Free-form provenance (trainer config, outlier policy, ...)."""
 
@@ -301,6 +305,10 @@ def _check_meta(meta: CheckpointMeta, path: Path) -> None:
     scale = cast(object, meta.scale)  # read from JSON: the field's annotation is what this checks
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise CheckpointError(f"{where}: normalisation scale must be a positive finite number")
+    var = cast(object, meta.reference_variance)
+    if var is not None and not (isinstance(var, (int, float)) and not isinstance(var, bool)
+                                and math.isfinite(var) and var > 0):
+        raise CheckpointError(f"{where}: reference_variance must be a positive finite number or null, got {var!r}")
 
 
 def _read_tensors(f: Path) -> dict[str, torch.Tensor]:

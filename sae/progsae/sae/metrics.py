@@ -41,11 +41,23 @@ class FVUAccumulator:
         return self.sse / tv if tv > 0 else float("inf")
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> float:
-    """FVU of one batch, x and x_hat [N, d_in] (its own mean as the baseline)."""
+def fvu(x: Tensor, x_hat: Tensor, variance: float | None = None) -> float:
+    """FVU of one batch, x and x_hat [N, d_in]: its own mean as the baseline, or with `variance` a
+    fixed one, sum ||x - x_hat||^2 / (N * variance). A few tokens' own variance is a poor baseline
+    (two tokens of a short text: FVU 1.4 at full G), a checkpoint's `reference_variance` is not."""
+    if variance is not None:
+        return float((x.detach().double() - x_hat.detach().double()).square().sum()) / (x.shape[0] * variance)
     acc = FVUAccumulator()
     acc.update(x, x_hat)
     return acc.value()
+
+
+def token_variance(x: Tensor) -> float:
+    """E||x - mean(x)||^2 per token of x [N, d_in] (float64): what FVU divides by, per token. Over a
+    checkpoint's training sample it is the checkpoint's `reference_variance`."""
+    acc = FVUAccumulator()
+    acc.update(x, x)
+    return acc.total_variance() / acc.n
 
 
 class RSAReference:

@@ -36,6 +36,7 @@ from progsae.sae.checkpoint import CheckpointMeta
 from progsae.sae.codec import SAE
 from progsae.sae.devices import resolve_device
 from progsae.sae.metrics import fvu as batch_fvu
+from progsae.sae.metrics import token_variance
 from progsae.trainer.data.activations import ActivationCache
 from progsae.trainer.training import train_state as ts
 from progsae.trainer.training.config import TrainConfig
@@ -396,6 +397,8 @@ def _finish(run: _Run) -> Path:
         architecture=cfg.arch, d_in=sae.d_in, d_sae=sae.d_sae, k=cfg.k, granularities=cfg.granularities,
         scale=meta.scale, model=man.model, layer=layer, hook=man.extra.get("hook") or f"hidden_states.{layer}",
         training_tokens=meta.tokens, extra=extra,
+        # the FVU baseline of served texts, over the same sample the normalisation scalar was fitted on
+        reference_variance=token_variance(cache.sample(cfg.init_samples, seed=cfg.seed)),
     )
     checkpoint.save(out, final, meta_ck)
     if cfg.auto_ladder:
