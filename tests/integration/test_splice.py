@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from progsae.lm.models import hidden_at_layer
-from progsae.lm.splice import SpliceBatch, splice, splice_losses
+from progsae.lm.models import forward_from_layer, hidden_at_layer
+from progsae.lm.splice import SpliceBatch, TextSplice, next_token_log_probs, splice, splice_losses
+from progsae.sae.metrics import token_kl
 
 VOCAB, D, T, LAYER, START = 97, 32, 9, 1, 1
 
@@ -78,3 +79,54 @@ def test_refuses_mixed_start_tokens_and_short_contexts(model):
     with pytest.raises(ValueError, match="nothing to score"):
         splice_losses(model, LAYER, [SpliceBatch(b.ids[:, :2], b.body.view(2, T - 1, D)[:, :1].reshape(-1, D),
                                                  b.keep[:, :1])], lambda body: [])
+
+
+def _offline(model, hidden: torch.Tensor, keep: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The evaluation's per-token KL of one text: the whole sequence spliced, `next_token_log_probs`
+    over positions 1..T-2 and, for the last token, the plain forward's last position."""
+    h = splice(hidden, keep[None], state)
+    kl = token_kl(next_token_log_probs(model, hidden, LAYER), next_token_log_probs(model, h, LAYER))
+    last = [torch.log_softmax(forward_from_layer(model, v, LAYER)[0, -1:].float(), -1) for v in (hidden, h)]
+    return torch.cat([kl, token_kl(*last)])
+
+
+def test_text_splice_scores_each_token_as_the_offline_splice(model):
+    """TextSplice (the server's per-rung fidelity) reports, for any listed tokens of any state, the KL the
+    evaluation's own splice computes over the whole sequence, to 1e-5 relative; an outlier position left
+    out of `replace` keeps its clean residual; the clean state scores 0 and agrees on top-1."""
+    ids = torch.randint(2, VOCAB, (1, T), generator=torch.Generator().manual_seed(5))
+    ids[0, 0] = START
+    hidden = hidden_at_layer(model, ids, LAYER).float()
+    body = hidden[0, 1:]
+    n = T - 1
+    replace = torch.ones(n, dtype=torch.bool)
+    replace[2] = False
+    ts = TextSplice(model, LAYER, START, body, replace)
+    g = torch.Generator().manual_seed(6)
+    cases = [(torch.arange(n), 0.6), (torch.tensor([1, 3, 4]), 0.3), (torch.tensor([0]), 0.2),
+             (torch.tensor([n - 1]), 0.1), (torch.tensor([2, 5]), 0.4)]
+    for tokens, noise in cases:
+        state = body + noise * torch.randn(body.shape, generator=g)
+        got = ts.score(state, tokens, top=3)
+        want = _offline(model, hidden, replace, state)[tokens]
+        # float32 log-probs carry ~1e-7 of rounding whatever the path: below that KL is noise
+        torch.testing.assert_close(got.kl, want, rtol=1e-5, atol=1e-7)
+        assert (got.kl > 1e-6).all()  # the noise moved every listed prediction
+        assert got.top_ids.shape == (len(tokens), 3) and (got.top_probs[:, :-1] >= got.top_probs[:, 1:]).all()
+    moved = body.clone()
+    moved[2] += 100.0  # not replaced: its stand-in is ignored
+    same = ts.score(moved, torch.arange(n), top=1)
+    assert same.kl.abs().max() < 1e-5 and same.top1.all()
+    ids_top, p_top = ts.clean_top(2)
+    assert ids_top.shape == (n, 2) and torch.equal(ids_top[:, 0], same.top_ids[:, 0])
+    torch.testing.assert_close(p_top.sum(1) <= 1.0 + 1e-6, torch.ones(n, dtype=torch.bool))
+
+
+def test_positions_run_only_the_prefix_they_need(model):
+    """next_token_log_probs(positions=...) equals the whole sequence's rows at those positions."""
+    ids = torch.randint(2, VOCAB, (2, T), generator=torch.Generator().manual_seed(8))
+    hidden = hidden_at_layer(model, ids, LAYER).float()
+    full = torch.log_softmax(forward_from_layer(model, hidden, LAYER).float(), -1)
+    pos = torch.tensor([1, 4, 6])
+    got = next_token_log_probs(model, hidden, LAYER, pos).view(2, 3, -1)
+    torch.testing.assert_close(got, full[:, pos], rtol=1e-5, atol=1e-5)

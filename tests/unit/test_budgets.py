@@ -194,3 +194,69 @@ def test_climb_rejects_bad_steps(sae):
             list(climb(sae, codes, steps))
     with pytest.raises(ValueError, match="activations"):
         list(climb(sae, codes, [Step(4, None)], None, 0.5))
+
+
+def _l1_score(x: torch.Tensor, seen: list[tuple[list[int], torch.Tensor]]):
+    """A per-token score other than err_n (relative L1 error), recording what the engine passed it."""
+    def score(tokens: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        seen.append((tokens.tolist(), recon.clone()))
+        return (x[tokens] - recon).abs().sum(1) / x[tokens].abs().sum(1).clamp_min(1e-12)
+    return score
+
+
+@settings(max_examples=50, deadline=None)
+@given(dims, st.data())
+def test_score_target_stops_tokens_as_the_error_target_does(dims, data):
+    """A token stops at its first step where its score <= the score target (and, with an error target too,
+    err <= that one): the score sees exactly the tokens still refining and their reconstructions; a
+    finished token's last reconstruction is the direct decode at its final (G, k'); no code changes."""
+    sae, x, codes = make(*dims)
+    n = x.shape[0]
+    before = Codes(codes.indices.clone(), codes.values.clone())
+    steps = g_steps(_ladder(data, sae.d_sae), data.draw(st.one_of(st.none(), st.integers(1, sae.k))))
+    if data.draw(st.booleans()):
+        steps = k_steps(data.draw(st.integers(1, sae.d_sae)), _ladder(data, sae.k))
+    t_score = data.draw(st.floats(0.05, 1.5))
+    t_err = data.draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
+    seen: list[tuple[list[int], torch.Tensor]] = []
+    baseline = token_baseline(x)
+    last: dict[int, tuple[Step, torch.Tensor]] = {}
+    met: set[int] = set()
+    expected = list(range(n))
+    rungs = list(climb(sae, codes, steps, x, t_err, _l1_score(x, seen), t_score))
+    assert len(seen) == len(rungs)
+    for r, (tokens, recon) in zip(rungs, seen, strict=True):
+        assert r.tokens.tolist() == expected == tokens  # exactly the tokens not done before
+        torch.testing.assert_close(recon, r.recon, rtol=0, atol=0)
+        assert r.score is not None and r.err is not None
+        for j, tok in enumerate(expected):
+            one = Codes(codes.indices[tok:tok + 1], codes.values[tok:tok + 1])
+            direct = decode_at(sae, one, *r.step)[0]
+            s = float((x[tok] - direct).abs().sum() / x[tok].abs().sum())
+            err = float((x[tok] - direct).square().sum() / baseline[tok])
+            assert abs(float(r.score[j]) - s) <= 1e-9 * max(1.0, s)
+            want = s <= t_score and (t_err is None or err <= t_err)
+            if abs(s - t_score) > 1e-9 and (t_err is None or abs(err - t_err) > 1e-9):  # off the boundary
+                assert bool(r.done[j]) == want
+            last[tok] = (r.step, r.recon[j])
+            if r.done[j]:
+                met.add(tok)
+        expected = [t for t in expected if t not in met]
+    assert set(last) == set(range(n))
+    for tok, (step, recon) in last.items():
+        one = Codes(codes.indices[tok:tok + 1], codes.values[tok:tok + 1])
+        torch.testing.assert_close(recon, decode_at(sae, one, step.g, step.k)[0], rtol=1e-10, atol=1e-10)
+        if tok not in met:
+            assert step == steps[-1]
+    assert torch.equal(codes.indices, before.indices) and torch.equal(codes.values, before.values)
+
+
+def test_a_score_alone_measures_and_stops_nothing(sae):
+    x = torch.randn(5, sae.d_in)
+    codes = sae.encode(x)
+    seen: list[tuple[list[int], torch.Tensor]] = []
+    rungs = list(climb(sae, codes, g_steps((4, 8, sae.d_sae)), None, None, _l1_score(x, seen)))
+    assert len(rungs) == 3 and all(not r.done.any() and r.tokens.tolist() == list(range(5)) for r in rungs)
+    assert all(r.score is not None and r.score.dtype == torch.float64 for r in rungs)
+    with pytest.raises(ValueError, match="score target needs a score"):
+        list(climb(sae, codes, g_steps((4,)), None, None, None, 0.5))

@@ -357,8 +357,11 @@ _SWAP_LOCK = threading.Lock()
 
 @torch.no_grad()
 def forward_from_layer(model: nn.Module, hidden: torch.Tensor, layer: int,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [B, T, vocab] of the model when hidden_states[layer] is replaced by `hidden`.
+                       attention_mask: torch.Tensor | None = None,
+                       logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, T, vocab] of the model when hidden_states[layer] is replaced by `hidden`; with
+    `logits_to_keep` (int64 positions [P]) only those positions' [B, P, vocab] (the LM head runs on
+    them alone: transformers' `logits_to_keep`).
 
     Used to splice an SAE reconstruction in (CE loss recovered). With the clean activation it
     reproduces the full forward's logits. For Llama/Gemma/Qwen-like models the layers before
@@ -368,13 +371,14 @@ def forward_from_layer(model: nn.Module, hidden: torch.Tensor, layer: int,
     """
     layers = _check(model, layer)
     mtype = getattr(_text_config(model.config), "model_type", "")
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
     if mtype in _SKIPPABLE:
         with _SWAP_LOCK:
             saved = [layers[i] for i in range(layer)]
             try:
                 for i in range(layer):
                     layers[i] = _Passthrough()
-                return model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
+                return model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False, **keep).logits
             finally:
                 for i, m in enumerate(saved):
                     layers[i] = m
@@ -387,6 +391,6 @@ def forward_from_layer(model: nn.Module, hidden: torch.Tensor, layer: int,
     handle = layers[layer].register_forward_pre_hook(substitute, with_kwargs=True)
     try:
         dummy = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        return model(input_ids=dummy, attention_mask=attention_mask, use_cache=False).logits
+        return model(input_ids=dummy, attention_mask=attention_mask, use_cache=False, **keep).logits
     finally:
         handle.remove()

@@ -15,7 +15,12 @@ every context) and the clean residual stream at `layer` of positions 1..T-1 (`bo
 
 `splice_losses` runs that over batches and sums CE and KL(p_clean || p_variant) per context
 (progsae.sae.metrics.TokenLossAccumulator) for the clean stream, the zero-ablated one and every
-variant. Its parts, `splice` and `next_token_log_probs`, serve a single text as well.
+variant. Its parts, `splice` and `next_token_log_probs`, serve a single text as well: `TextSplice`
+scores one text's tokens, every one of them (the last token's prediction included), against its
+clean predictions, for the server's per-rung fidelity (KL per token, top-1 agreement, the top
+predictions). The same start-token residual, the same splice, the same log-probs and the same KL
+(progsae.sae.metrics.token_kl) as the evaluation; what it adds is running only what the scored
+positions need (`next_token_log_probs(positions=...)`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from progsae.lm.models import forward_from_layer, hidden_at_layer
-from progsae.sae.metrics import TokenLossAccumulator
+from progsae.sae.metrics import TokenLossAccumulator, token_kl
 
 K = TypeVar("K", bound=Hashable)
 
@@ -68,11 +73,87 @@ def splice(hidden: Tensor, keep: Tensor, repl: Tensor) -> Tensor:
     return h
 
 
-def next_token_log_probs(model: nn.Module, hidden: Tensor, layer: int) -> Tensor:
+def next_token_log_probs(model: nn.Module, hidden: Tensor, layer: int, positions: Tensor | None = None) -> Tensor:
     """Float32 log-softmax [B * (T-2), vocab] of the next-token logits from positions 1..T-2 when
-    hidden_states[layer] is `hidden` [B, T, d]; rows context by context."""
-    logits = forward_from_layer(model, hidden, layer)[:, 1:-1].float()
+    hidden_states[layer] is `hidden` [B, T, d]; rows context by context.
+
+    With `positions` (int64 [P], ascending, within 0..T-1): the predictions from those positions,
+    [B * P, vocab]. A causal model's output at p depends on positions 0..p alone, so the layers run on
+    positions 0..max(positions) only and the LM head on `positions` alone; the logits are the same as
+    from the whole sequence (up to float summation order)."""
+    if positions is None:
+        logits = forward_from_layer(model, hidden, layer)[:, 1:-1].float()
+    else:
+        end = int(positions[-1]) + 1 if positions.numel() else 1
+        logits = forward_from_layer(model, hidden[:, :end], layer, logits_to_keep=positions).float()
     return torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+
+
+class NextTokens(NamedTuple):
+    """The model's next-token predictions after some tokens of a text, with a stand-in spliced in,
+    against the clean ones."""
+
+    kl: Tensor
+    """[P] float64 KL(p_clean || p) in nats (progsae.sae.metrics.token_kl)."""
+    top1: Tensor
+    """[P] bool: the most probable next token is the clean prediction's."""
+    top_ids: Tensor
+    """[P, n] int64 the n most probable next tokens, most probable first (n = the `top` asked)."""
+    top_probs: Tensor
+    """[P, n] float32 their probabilities."""
+
+
+class TextSplice:
+    """One text's residual stream at `layer` and the model's prediction after each of its tokens, clean
+    and with a stand-in spliced in.
+
+    The text is N tokens after a start token; `body` [N, d] is their clean residual at the layer, and
+    position 0 is the start token's own (`hidden_at_layer` of it alone, as in `splice_losses`).
+    `replace` [N] bool marks the tokens a stand-in replaces (default all); the others keep their clean
+    residual. Token n's prediction is the model's output at position n + 1, the distribution of the token
+    after it, so all N tokens are scored, the last one included.
+
+    `score(state, tokens)` splices `state` [N, d] (every token's current stand-in) and scores the listed
+    tokens only: the layers from `layer` on run over positions 0..(last listed token + 1) and the head
+    over the listed positions. The clean pass runs with the first `score`, as a second row of the same
+    forward (one pass of two rows costs less than two passes); `clean_top` is available after it.
+    Not thread-safe: the caller holds the model (progsae.lm.models.forward_from_layer swaps its layers).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, layer: int, start_id: int, body: Tensor, replace: Tensor | None = None):
+        self.model, self.layer = model, layer
+        self.device = next(model.parameters()).device
+        n, d = body.shape
+        h0 = hidden_at_layer(model, torch.tensor([[start_id]], device=self.device), layer).float()
+        self.hidden = torch.cat([h0.reshape(1, 1, d), body.to(self.device, torch.float32)[None]], dim=1)
+        self.n = n
+        self.replace = (torch.ones(n, dtype=torch.bool) if replace is None else replace.bool()).to(self.device)
+        self.clean: Tensor | None = None
+        """[N, vocab] float32 clean log-probabilities (after the first `score`)."""
+
+    @torch.no_grad()
+    def score(self, state: Tensor, tokens: Tensor, top: int = 0) -> NextTokens:
+        """Splice `state` [N, d] in and score `tokens` (int64 [P], ascending, within 0..N-1)."""
+        tokens = tokens.to(self.device)
+        h = splice(self.hidden, self.replace[None], state.to(self.device))
+        if self.clean is None:
+            every = torch.arange(1, self.n + 1, device=self.device)
+            both = next_token_log_probs(self.model, torch.cat([self.hidden, h]), self.layer, every)
+            self.clean, lp = both[: self.n], both[self.n:][tokens]
+        else:
+            lp = next_token_log_probs(self.model, h, self.layer, tokens + 1)
+        clean = self.clean[tokens]
+        probs, ids = lp.topk(top, dim=-1) if top > 0 else (lp[:, :0], torch.zeros(len(tokens), 0, dtype=torch.long))
+        return NextTokens(token_kl(clean, lp).cpu(), (lp.argmax(-1) == clean.argmax(-1)).cpu(), ids.cpu(),
+                          probs.exp().cpu())
+
+    def clean_top(self, top: int) -> tuple[Tensor, Tensor]:
+        """([N, top] int64 ids, [N, top] float32 probabilities): the clean model's most probable next tokens."""
+        if self.clean is None:
+            raise RuntimeError("the clean pass runs with the first score")
+        probs, ids = self.clean.topk(top, dim=-1)
+        return ids.cpu(), probs.exp().cpu()
 
 
 @torch.no_grad()

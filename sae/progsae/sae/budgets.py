@@ -15,11 +15,17 @@ Pure functions over an `SAE` and its `Codes`, like progsae.sae.codec; no Ray, no
   * Per-token target: err_n = ||x_n - x_hat_n||^2 / ||x_n - mean(x)||^2 with the mean over the
     batch's tokens. A token is done at the first step where err_n <= target: later steps compute
     nothing for it, and no step ever changes a code (codes are only read).
+  * A per-token score from outside (`Score`): the caller measures each step's reconstruction of the
+    tokens still refining by whatever it likes (the server: the language model's next-token KL when
+    the reconstruction is spliced in, progsae.server.fidelity), and a score target stops a token at
+    the first step where its score <= that target, exactly as the error target does. With both
+    targets a token is done at the first step that meets both. The core knows no language model:
+    it only compares the numbers the callable returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -55,7 +61,14 @@ class StepRung(NamedTuple):
     err: Tensor | None
     """[A] float64 per-token relative error err_n (None without activations)."""
     done: Tensor
-    """[A] bool: the token met the per-token target here and stops (all False without one)."""
+    """[A] bool: the token met every per-token target here and stops (all False without one)."""
+    score: Tensor | None = None
+    """[A] float64 the `Score` of each listed token's reconstruction (None without a score)."""
+
+
+Score = Callable[[Tensor, Tensor], Tensor]
+"""score(tokens [A] int64 rows of the batch, recon [A, d_in] raw-scale reconstructions at a step) ->
+[A] float64 per-token score, lower is better. Called once per step, with the tokens still refining."""
 
 
 def select(codes: Codes, g: int, k: int | None = None) -> Tensor:
@@ -107,9 +120,11 @@ def token_baseline(x: Tensor) -> Tensor:
 
 
 def climb(sae: SAE, codes: Codes, steps: Sequence[Step], x: Tensor | None = None,
-          target: float | None = None) -> Iterator[StepRung]:
-    """Yield one StepRung per step. With a per-token `target` (needs `x`), a token done at a step
-    is left out of every later one; the stream ends early when every token is done.
+          target: float | None = None, score: Score | None = None,
+          score_target: float | None = None) -> Iterator[StepRung]:
+    """Yield one StepRung per step. With a per-token `target` (needs `x`) and/or a `score_target`
+    (needs `score`), a token done at a step (every target set met) is left out of every later one;
+    the stream ends early when every token is done. `score` alone only measures.
 
     Work per step is proportional to the tokens still refining: their codes are gathered, their
     changed codes multiplied in, their error measured. A token's last reconstruction is
@@ -122,6 +137,9 @@ def climb(sae: SAE, codes: Codes, steps: Sequence[Step], x: Tensor | None = None
         _check_k(s.k)
     if target is not None and x is None:
         raise ValueError("a per-token target needs the activations")
+    if score_target is not None and score is None:
+        raise ValueError("a score target needs a score")
+    per_token = target is not None or score_target is not None
     n = codes.indices.shape[0]
     device = codes.indices.device
     active = torch.arange(n, device=device)
@@ -136,14 +154,18 @@ def climb(sae: SAE, codes: Codes, steps: Sequence[Step], x: Tensor | None = None
         delta = sparse_sum(sae.W_dec, signed, changed)
         acc = acc + delta
         recon = _unscale(sae, acc)
-        sse = err = None
-        done = torch.zeros(active.shape[0], dtype=torch.bool, device=device)
+        sse = err = scored = None
+        done = torch.full((active.shape[0],), per_token, dtype=torch.bool, device=device)
         if x is not None and baseline is not None:
             rows = x[active] if active.shape[0] < n else x
             sse, err = token_errors(rows.to(recon.device), recon, baseline[active])
             if target is not None:
-                done = err <= target
-        yield StepRung(step, active, sel.sum(-1), _unscale(sae, delta), recon, sse, err, done)
+                done &= err <= target
+        if score is not None:
+            scored = score(active, recon).to(device=device, dtype=torch.float64)
+            if score_target is not None:
+                done &= scored <= score_target
+        yield StepRung(step, active, sel.sum(-1), _unscale(sae, delta), recon, sse, err, done, scored)
         if bool(done.any()):
             keep = ~done
             active, acc, prev = active[keep], acc[keep], sel[keep]

@@ -111,6 +111,13 @@ def ce_loss_recovered(ce_clean: float, ce_zero: float, ce_sae: float) -> float:
     return (ce_zero - ce_sae) / den if den != 0 else float("nan")
 
 
+def token_kl(logp_clean: Tensor, logp: Tensor) -> Tensor:
+    """[N] float64 KL(p_clean || p) in nats of N next-token distributions, from their log-probabilities
+    [N, V]: elementwise in the input precision (float32 log-probs are accurate to ~1e-7), summed in
+    float64. The one definition: CE evaluation's KL and the server's per-token, per-rung KL."""
+    return (logp_clean.exp() * (logp_clean - logp)).sum(-1, dtype=torch.float64)
+
+
 class TokenLossAccumulator:
     """Float64 sums of next-token CE and KL(p_clean || p) over scored tokens, in total and per context.
 
@@ -133,10 +140,8 @@ class TokenLossAccumulator:
         n = int(targets.shape[0])
         if contexts < 1 or n % contexts:
             raise ValueError(f"{n} scored tokens do not split into {contexts} equal contexts")
-        # Elementwise in the input precision (float32 log-probs are accurate to ~1e-7),
-        # sums in float64.
         ce = (-logp.gather(-1, targets[:, None])).reshape(contexts, -1).sum(1, dtype=torch.float64)
-        kl = (logp_clean.exp() * (logp_clean - logp)).reshape(contexts, -1).sum(1, dtype=torch.float64)
+        kl = token_kl(logp_clean, logp).reshape(contexts, -1).sum(1)
         self.context_ce += ce.tolist()  # pyright: ignore[reportUnknownMemberType]  # torch: tolist() -> bare list
         self.context_kl += kl.tolist()  # pyright: ignore[reportUnknownMemberType]  # torch: tolist() -> bare list
         self.context_tokens += [n // contexts] * contexts
