@@ -249,7 +249,12 @@ def budgets(draw) -> pb.Budget:
         b.token_target_fvu = draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1.5)))
     if draw(st.booleans()):
         b.max_k = draw(st.one_of(st.integers(0, 6), INT64))
+    if draw(st.integers(0, 3)) == 0:  # revision 5
+        b.token_target_kl = draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 5)))
     return b
+
+
+FIDELITY = st.builds(pb.Fidelity, kl=st.booleans(), predictions=st.one_of(st.integers(0, 21), ENUM))
 
 
 AXIS = st.sampled_from([pb.STREAM_AXIS_G, pb.STREAM_AXIS_K, 2, -1])
@@ -272,16 +277,21 @@ def test_fuzz_stream(stub, root, fuzz_cases):
     tally = Tally()
 
     @settings(FUZZ, max_examples=200)
-    @given(model=MODEL_IDS, which=st.sampled_from(["activations", "codes", "none"]), t=tensors(), c=codes(),
+    @given(model=MODEL_IDS, which=st.sampled_from(["activations", "codes", "none", "text"]), t=tensors(), c=codes(),
            budget=budgets(), payload=PAYLOAD, ladder=ladders(), dtype=DTYPE, per_token=st.booleans(),
-           timeout=timeouts(), axis=AXIS, k_ladder=K_LADDERS)
-    def case(model, which, t, c, budget, payload, ladder, dtype, per_token, timeout, axis, k_ladder):
+           timeout=timeouts(), axis=AXIS, k_ladder=K_LADDERS, fidelity=st.one_of(st.none(), FIDELITY),
+           text=st.text(max_size=64))
+    def case(model, which, t, c, budget, payload, ladder, dtype, per_token, timeout, axis, k_ladder, fidelity,
+             text):
         req = pb.StreamDecodeRequest(model_id=model, budget=budget, payload=payload, ladder=ladder,
-                                     output_dtype=dtype, per_token_l0=per_token, axis=axis, k_ladder=k_ladder)
+                                     output_dtype=dtype, per_token_l0=per_token, axis=axis, k_ladder=k_ladder,
+                                     fidelity=fidelity)
         if which == "activations":
             req.activations.CopyFrom(t)
         elif which == "codes":
             req.codes.CopyFrom(c)
+        elif which == "text":  # these checkpoints name no language model: refused, never INTERNAL
+            req.text.text = text
         call(tally, stub, root, "StreamDecode", req, timeout)
 
     case()

@@ -158,7 +158,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.
                     | st.text(max_size=12), lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 FIELDS = {
-    "/api/stream": ["model_id", "text", "activations", "budget", "ladder", "k_ladder", "axis", "top", "max_tokens"],
+    "/api/stream": ["model_id", "text", "activations", "budget", "ladder", "k_ladder", "axis", "top", "max_tokens",
+                    "kl", "predictions"],
     "/api/encode": ["model_id", "activations", "prefix_granularity"],
     "/api/decode": ["model_id", "codes", "granularity"],
     "/api/encode_text": ["model_id", "text", "max_tokens", "include_activations"],

@@ -40,6 +40,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_TARGET_FVU: _ClassVar[StopReason]
     STOP_REASON_TOKEN_TARGET_FVU: _ClassVar[StopReason]
     STOP_REASON_MAX_K: _ClassVar[StopReason]
+    STOP_REASON_TOKEN_TARGET_KL: _ClassVar[StopReason]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -59,6 +60,7 @@ STOP_REASON_DEADLINE: StopReason
 STOP_REASON_TARGET_FVU: StopReason
 STOP_REASON_TOKEN_TARGET_FVU: StopReason
 STOP_REASON_MAX_K: StopReason
+STOP_REASON_TOKEN_TARGET_KL: StopReason
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -149,24 +151,53 @@ class DecodeResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., granularity: _Optional[int] = ..., reconstruction: _Optional[_Union[Tensor, _Mapping]] = ..., l0: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("max_granularity", "deadline_ms", "target_fvu", "token_target_fvu", "max_k")
+    __slots__ = ("max_granularity", "deadline_ms", "target_fvu", "token_target_fvu", "max_k", "token_target_kl")
     MAX_GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FVU_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TARGET_FVU_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TARGET_KL_FIELD_NUMBER: _ClassVar[int]
     max_granularity: int
     deadline_ms: int
     target_fvu: float
     token_target_fvu: float
     max_k: int
-    def __init__(self, max_granularity: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., target_fvu: _Optional[float] = ..., token_target_fvu: _Optional[float] = ..., max_k: _Optional[int] = ...) -> None: ...
+    token_target_kl: float
+    def __init__(self, max_granularity: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., target_fvu: _Optional[float] = ..., token_target_fvu: _Optional[float] = ..., max_k: _Optional[int] = ..., token_target_kl: _Optional[float] = ...) -> None: ...
+
+class TextInput(_message.Message):
+    __slots__ = ("text", "max_tokens")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    max_tokens: int
+    def __init__(self, text: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class Fidelity(_message.Message):
+    __slots__ = ("kl", "predictions")
+    KL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    kl: bool
+    predictions: int
+    def __init__(self, kl: _Optional[bool] = ..., predictions: _Optional[int] = ...) -> None: ...
+
+class Predictions(_message.Message):
+    __slots__ = ("ids", "probs", "tokens")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    probs: _containers.RepeatedScalarFieldContainer[float]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamDecodeRequest(_message.Message):
-    __slots__ = ("model_id", "activations", "codes", "budget", "payload", "ladder", "output_dtype", "per_token_l0", "packed_codes", "axis", "k_ladder")
+    __slots__ = ("model_id", "activations", "codes", "text", "budget", "payload", "ladder", "output_dtype", "per_token_l0", "packed_codes", "axis", "k_ladder", "fidelity")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     LADDER_FIELD_NUMBER: _ClassVar[int]
@@ -175,9 +206,11 @@ class StreamDecodeRequest(_message.Message):
     PACKED_CODES_FIELD_NUMBER: _ClassVar[int]
     AXIS_FIELD_NUMBER: _ClassVar[int]
     K_LADDER_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     activations: Tensor
     codes: SparseCodes
+    text: TextInput
     budget: Budget
     payload: PayloadKind
     ladder: _containers.RepeatedScalarFieldContainer[int]
@@ -186,10 +219,11 @@ class StreamDecodeRequest(_message.Message):
     packed_codes: bool
     axis: StreamAxis
     k_ladder: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., ladder: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., per_token_l0: _Optional[bool] = ..., packed_codes: _Optional[bool] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ...) -> None: ...
+    fidelity: Fidelity
+    def __init__(self, model_id: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., ladder: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., per_token_l0: _Optional[bool] = ..., packed_codes: _Optional[bool] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ...) -> None: ...
 
 class Rung(_message.Message):
-    __slots__ = ("index", "g", "mean_l0", "l0", "tensor", "fvu", "elapsed_ms", "k", "tokens", "refining")
+    __slots__ = ("index", "g", "mean_l0", "l0", "tensor", "fvu", "elapsed_ms", "k", "tokens", "refining", "kl", "top1", "predictions", "mean_kl", "clean_predictions")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     G_FIELD_NUMBER: _ClassVar[int]
     MEAN_L0_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +234,11 @@ class Rung(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     REFINING_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    TOP1_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_KL_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     index: int
     g: int
     mean_l0: float
@@ -210,10 +249,15 @@ class Rung(_message.Message):
     k: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     refining: int
-    def __init__(self, index: _Optional[int] = ..., g: _Optional[int] = ..., mean_l0: _Optional[float] = ..., l0: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., k: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., refining: _Optional[int] = ...) -> None: ...
+    kl: _containers.RepeatedScalarFieldContainer[float]
+    top1: _containers.RepeatedScalarFieldContainer[bool]
+    predictions: _containers.RepeatedCompositeFieldContainer[Predictions]
+    mean_kl: float
+    clean_predictions: _containers.RepeatedCompositeFieldContainer[Predictions]
+    def __init__(self, index: _Optional[int] = ..., g: _Optional[int] = ..., mean_l0: _Optional[float] = ..., l0: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., k: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., refining: _Optional[int] = ..., kl: _Optional[_Iterable[float]] = ..., top1: _Optional[_Iterable[bool]] = ..., predictions: _Optional[_Iterable[_Union[Predictions, _Mapping]]] = ..., mean_kl: _Optional[float] = ..., clean_predictions: _Optional[_Iterable[_Union[Predictions, _Mapping]]] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
-    __slots__ = ("stop_reason", "rungs", "final_g", "final_fvu", "elapsed_ms", "final_k", "token_final_g", "token_final_k", "token_met")
+    __slots__ = ("stop_reason", "rungs", "final_g", "final_fvu", "elapsed_ms", "final_k", "token_final_g", "token_final_k", "token_met", "token_kl", "token_top1")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     RUNGS_FIELD_NUMBER: _ClassVar[int]
     FINAL_G_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +267,8 @@ class StreamEnd(_message.Message):
     TOKEN_FINAL_G_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FINAL_K_FIELD_NUMBER: _ClassVar[int]
     TOKEN_MET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_KL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TOP1_FIELD_NUMBER: _ClassVar[int]
     stop_reason: StopReason
     rungs: int
     final_g: int
@@ -232,7 +278,9 @@ class StreamEnd(_message.Message):
     token_final_g: _containers.RepeatedScalarFieldContainer[int]
     token_final_k: _containers.RepeatedScalarFieldContainer[int]
     token_met: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., rungs: _Optional[int] = ..., final_g: _Optional[int] = ..., final_fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., final_k: _Optional[int] = ..., token_final_g: _Optional[_Iterable[int]] = ..., token_final_k: _Optional[_Iterable[int]] = ..., token_met: _Optional[_Iterable[bool]] = ...) -> None: ...
+    token_kl: _containers.RepeatedScalarFieldContainer[float]
+    token_top1: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., rungs: _Optional[int] = ..., final_g: _Optional[int] = ..., final_fvu: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., final_k: _Optional[int] = ..., token_final_g: _Optional[_Iterable[int]] = ..., token_final_k: _Optional[_Iterable[int]] = ..., token_met: _Optional[_Iterable[bool]] = ..., token_kl: _Optional[_Iterable[float]] = ..., token_top1: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StreamDecodeResponse(_message.Message):
     __slots__ = ("header", "rung", "end")
@@ -245,7 +293,7 @@ class StreamDecodeResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., rung: _Optional[_Union[Rung, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("model_id", "tokens", "ladder", "payload", "codes", "axis", "k_ladder")
+    __slots__ = ("model_id", "tokens", "ladder", "payload", "codes", "axis", "k_ladder", "token_ids", "token_strings", "text_tokens", "spliced", "language_model", "layer")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LADDER_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +301,12 @@ class StreamHeader(_message.Message):
     CODES_FIELD_NUMBER: _ClassVar[int]
     AXIS_FIELD_NUMBER: _ClassVar[int]
     K_LADDER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPLICED_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokens: int
     ladder: _containers.RepeatedScalarFieldContainer[int]
@@ -260,7 +314,13 @@ class StreamHeader(_message.Message):
     codes: SparseCodes
     axis: StreamAxis
     k_ladder: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    token_strings: _containers.RepeatedScalarFieldContainer[str]
+    text_tokens: int
+    spliced: _containers.RepeatedScalarFieldContainer[bool]
+    language_model: str
+    layer: int
+    def __init__(self, model_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_strings: _Optional[_Iterable[str]] = ..., text_tokens: _Optional[int] = ..., spliced: _Optional[_Iterable[bool]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class EncodeTextRequest(_message.Message):
     __slots__ = ("model_id", "text", "max_tokens", "packed_codes")

@@ -6,14 +6,22 @@
     POST /api/decode                 {model_id, codes: [{indices, values}], granularity}
     POST /api/encode_text            {model_id, text, max_tokens?, include_activations?}
     GET  /api/stream?model_id&text&max_granularity&deadline_ms&target_fvu&token_target_fvu&max_k&top
+                     &token_target_kl&kl&predictions
     POST /api/stream                 {model_id, text | activations, budget: {...}, ladder?, axis?,
-                                      k_ladder?, top?}; budget: max_granularity, deadline_ms,
-                                      target_fvu, token_target_fvu, max_k; axis "g" (default) or
-                                      "k" (climb k' up k_ladder at one G)
+                                      k_ladder?, top?, kl?, predictions?}; budget: max_granularity,
+                                      deadline_ms, target_fvu, token_target_fvu, max_k,
+                                      token_target_kl; axis "g" (default) or "k" (climb k' up
+                                      k_ladder at one G)
                                      -> text/event-stream: `header`, one `rung` per rung, `end`
                                         (or one `error` event {code, message}); with a per-token
                                         target a rung lists the tokens it computed and the end
-                                        every token's final G and whether it met the target
+                                        every token's final G and whether it met the target.
+                                        Text streams with `kl` (or `predictions` > 0, or
+                                        token_target_kl; revision 5): the header says which tokens
+                                        are `spliced`; each rung carries, per computed token, `kl`,
+                                        `top1` and `predictions` ([[token, p], ...]), its `mean_kl`,
+                                        and the first rung `clean_predictions` per token; the end
+                                        each token's `token_kl` and `token_top1`
     GET  /api/stats                  this replica's counters
 Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching HTTP status.
 
@@ -192,6 +200,8 @@ def _stream_request(body: StreamBody) -> pb.StreamDecodeRequest:
     req.ladder.extend(body.ladder)
     req.k_ladder.extend(body.k_ladder)
     req.axis = pb.STREAM_AXIS_K if body.axis == "k" else pb.STREAM_AXIS_G
+    if body.kl or body.predictions:
+        req.fidelity.kl, req.fidelity.predictions = True, body.predictions
     return req
 
 
@@ -212,10 +222,13 @@ async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: StreamBody) -> 
             if isinstance(item, TextActivations):
                 text_out = item
             elif isinstance(item, stream.Header):
-                yield _sse("header", {"model_id": item.model_id, "ladder": list(item.ladder),
-                                      "tokens": list(text_out.tokens) if text_out else None,
-                                      "n_tokens": item.tokens, "axis": "k" if item.k_ladder else "g",
-                                      "k_ladder": list(item.k_ladder), **_text_info(text_out, item.tokens)})
+                header = {"model_id": item.model_id, "ladder": list(item.ladder),
+                          "tokens": list(text_out.tokens) if text_out else None,
+                          "n_tokens": item.tokens, "axis": "k" if item.k_ladder else "g",
+                          "k_ladder": list(item.k_ladder), **_text_info(text_out, item.tokens)}
+                if item.spliced is not None:
+                    header["spliced"] = item.spliced
+                yield _sse("header", header)
             else:
                 if isinstance(item, stream.RungEvent):
                     yield _sse("rung", _rung_json(item))
@@ -241,23 +254,43 @@ def _text_info(ta: TextActivations | None, n: int) -> dict[str, Any]:
 
 def _rung_json(r: stream.RungEvent) -> dict[str, Any]:
     features = [[[i, v] for i, v in latents] for latents in r.fresh or ()]
-    return {"index": r.index, "g": r.g, "k": r.k, "mean_l0": r.mean_l0, "l0": r.l0.tolist(),
-            "tokens": r.tokens.tolist() if r.listed else [], "refining": r.refining if r.listed else None,
-            "fvu": r.fvu, "elapsed_ms": r.elapsed_ms, "features": features}
+    out = {"index": r.index, "g": r.g, "k": r.k, "mean_l0": r.mean_l0, "l0": r.l0.tolist(),
+           "tokens": r.tokens.tolist() if r.listed else [], "refining": r.refining if r.listed else None,
+           "fvu": r.fvu, "elapsed_ms": r.elapsed_ms, "features": features}
+    f = r.fidelity
+    if f is not None:
+        out.update(kl=[_finite(v) for v in f.kl], top1=f.top1, mean_kl=_finite(f.mean_kl),
+                   predictions=_predictions(f.predictions), clean_predictions=_predictions(f.clean))
+    return out
+
+
+def _predictions(rows: list[list[tuple[int, float, str]]] | None) -> list[list[list[Any]]] | None:
+    """Per token, [[token, probability], ...], most probable first."""
+    return None if rows is None else [[[s, p] for _, p, s in row] for row in rows]
+
+
+def _finite(v: float) -> float | None:
+    return v if np.isfinite(v) else None  # JSON has no NaN
 
 
 def _end_json(e: stream.EndEvent) -> dict[str, Any]:
-    return {"stop_reason": convert.STOP_REASONS[e.reason], "rungs": e.rungs, "final_g": e.final_g,
-            "final_k": e.final_k, "elapsed_ms": e.elapsed_ms, "final_fvu": e.final_fvu,
-            "token_final_g": e.token_final_g or [], "token_final_k": e.token_final_k or [],
-            "token_met": e.token_met or []}
+    out = {"stop_reason": convert.STOP_REASONS[e.reason], "rungs": e.rungs, "final_g": e.final_g,
+           "final_k": e.final_k, "elapsed_ms": e.elapsed_ms, "final_fvu": e.final_fvu,
+           "token_final_g": e.token_final_g or [], "token_final_k": e.token_final_k or [],
+           "token_met": e.token_met or []}
+    if e.token_kl is not None:
+        out.update(token_kl=[_finite(v) for v in e.token_kl], token_top1=e.token_top1)
+    return out
 
 
 @router.get("/api/stream")
 async def stream_get(request: Request) -> StreamingResponse:
     q = request.query_params
     budget = {k: q[k] for k in Budget.model_fields if q.get(k)}
-    fields = {k: q[k] for k in ("model_id", "text", "top", "max_tokens") if q.get(k)}
+    fields: dict[str, Any] = {k: q[k] for k in ("model_id", "text", "top", "max_tokens", "predictions") if q.get(k)}
+    if q.get("kl"):  # a query string's bool: anything else is refused by the body's model, naming `kl`
+        word = q["kl"].lower()
+        fields["kl"] = True if word in ("1", "true") else False if word in ("0", "false") else q["kl"]
     try:
         body = StreamBody.model_validate({**fields, "budget": budget})
     except ValidationError as e:

@@ -24,6 +24,8 @@ class Budget(Body):
     target_fvu: float | None = None
     token_target_fvu: float | None = None
     max_k: int | None = None
+    token_target_kl: float | None = None
+    """Per-token KL budget, nats (text streams; turns `kl` on)."""
 
 
 class StreamBody(Body):
@@ -39,6 +41,10 @@ class StreamBody(Body):
     top: int = Field(8, ge=0, le=256)
     """New latents per token per rung in each event."""
     max_tokens: int = Field(0, ge=0)
+    kl: StrictBool = False
+    """Text streams: each rung's KL and top-1 agreement of the next-token prediction per token (Fidelity)."""
+    predictions: int = Field(0, ge=0, le=20)
+    """Text streams: also the n most probable next tokens per token, and the clean ones on the first rung."""
 
 
 class EncodeBody(Body):

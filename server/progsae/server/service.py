@@ -23,9 +23,10 @@ from progsae.v1 import progsae_pb2 as pb
 
 from . import stream, validate
 from .errors import ServiceError, Status, internal, invalid
+from .fidelity import Fidelity
 from .registry import ModelCard, ServedModel
 from .stats import Stats
-from .text import TextActivations
+from .text import TextActivations, TextBackend
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,13 @@ class CodecService:
     """Encode / decode / stream over loaded models; keeps the process's counters."""
 
     def __init__(self, config: ServiceConfig | None = None, stats: Stats | None = None,
-                 text_available: Callable[[ModelCard], bool] | None = None):
+                 text_available: Callable[[ModelCard], bool] | None = None, lms: TextBackend | None = None):
         self.config = config or ServiceConfig()
         self.limits = self.config.limits
         self.stats = stats or Stats()
         self._text_available = text_available or (lambda card: False)
+        self.lms = lms or TextBackend()
+        """The process's language models, for a text stream's fidelity (the layers after the SAE's)."""
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
 
@@ -164,21 +167,25 @@ class CodecService:
         req: pb.StreamDecodeRequest,
         cancelled: Callable[[], bool] | None = None,
         t0: float | None = None,
+        text: TextActivations | None = None,
     ) -> Generator[pb.StreamDecodeResponse, None, str | None]:
         """StreamDecode's messages: one per rung (header on the first, end on the last). Validation
-        errors raise before the first message.
+        errors raise before the first message. `text`: what the language model made of a text input
+        (the servicer runs it), streamed in place of the request's input.
 
         `cancelled` is polled before every rung; when it answers True (or the consumer
         closes the generator) computing stops at once and the stream counts as cancelled.
         """
         t0 = time.perf_counter() if t0 is None else t0
-        plan = validate.stream_plan(req, model, self.limits)
-        return stream.messages(self.events(model, plan, cancelled or (lambda: False), t0), plan)
+        x = self.text_activations(model, text) if text is not None else None
+        plan = validate.stream_plan(req, model, self.limits, x=x)
+        return stream.messages(self.events(model, plan, cancelled or (lambda: False), t0, text=text), plan)
 
     def events(self, model: ServedModel, plan: validate.StreamPlan, cancelled: Callable[[], bool], t0: float,
-               top: int = 0) -> Generator[stream.Event, None, str | None]:
+               top: int = 0, text: TextActivations | None = None) -> Generator[stream.Event, None, str | None]:
         """A validated stream's typed events (progsae.server.stream): it encodes the activations once,
-        then climbs; counted in the stats whichever transport consumes it."""
+        then climbs (scoring each rung with the language model when fidelity is on); counted in the
+        stats whichever transport consumes it."""
         self.stats.stream_started()
         reason: str | None = None
         try:
@@ -187,8 +194,13 @@ class CodecService:
             else:
                 assert plan.codes is not None  # the plan holds one input
                 codes = _to(plan.codes, model.device)
+            fid = None
+            if plan.fidelity is not None:
+                assert plan.x is not None  # validated: fidelity needs a text input
+                self.stats.count("fidelity")
+                fid = Fidelity(model, plan.x, plan.fidelity, self.lms)
             reason = yield from stream.events(model.sae, model.id, plan, codes, plan.x is not None, cancelled, t0,
-                                              lambda: self.stats.rung(model.id), top)
+                                              lambda: self.stats.rung(model.id), top, text, fid)
             return reason
         finally:
             self.stats.stream_ended(reason)

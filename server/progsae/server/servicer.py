@@ -257,10 +257,17 @@ class ProgsaeServicer:
     def StreamDecode(self, request: pb.StreamDecodeRequest,
                      call: Call) -> AsyncGenerator[pb.StreamDecodeResponse, None]:
         async def body(expired: Callable[[], bool], t0: float):
-            encodes = request.WhichOneof("input") == "activations"
-            rows = _rows(request.activations) if encodes else _code_rows(request.codes)
-            model = await self.model(request.model_id, call, "StreamDecode", rows, encodes)
-            rungs = self._off_loop(self.service.stream, model, request, expired, t0)
+            ta = None
+            if request.WhichOneof("input") == "text":  # revision 5: the language model first, once
+                text = request.text
+                n = self._text_tokens(text.max_tokens)
+                model = await self.model(request.model_id, call, "StreamDecode", n, True)
+                ta = await self.run_text(model, text.text, text.max_tokens)
+            else:
+                encodes = request.WhichOneof("input") == "activations"
+                rows = _rows(request.activations) if encodes else _code_rows(request.codes)
+                model = await self.model(request.model_id, call, "StreamDecode", rows, encodes)
+            rungs = self._off_loop(self.service.stream, model, request, expired, t0, ta)
             try:
                 async for msg in rungs:
                     yield msg

@@ -14,6 +14,11 @@ and say how many are still refining after them; `mean_l0` and `fvu` count every 
 one at its final rung. The end gives each token's final G (and k' under a k' cap) and whether it
 met the target. On request (`top` > 0) each rung also carries, per computed token, the latents it
 decoded that no earlier rung did, largest first: the dashboard's feature chips.
+
+A text stream with fidelity (revision 5) climbs with `budgets.climb` too, scoring each rung with
+progsae.server.fidelity (the layers after the SAE's, run on the rung's reconstruction): its rungs carry
+each computed token's KL and top-1 (and predictions), its end each token's last KL, and a per-token KL
+budget stops tokens through the same engine as the FVU one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from progsae.sae.codec import SAE, Codes
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
+from . import fidelity as fid
+from .text import TextActivations
 from .validate import StreamPlan
 
 Latents = list[tuple[int, float]]
@@ -50,6 +57,10 @@ class Header:
     """The codes the stream decodes (CPU)."""
     encoded: bool
     """True when the stream encoded activations itself (StreamDecode then returns the codes)."""
+    text: TextActivations | None = None
+    """A text input's tokens (StreamDecode's header names them; the HTTP API sends them itself)."""
+    spliced: list[bool] | None = None
+    """Fidelity only: per token, whether its reconstruction is spliced into the language model."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,10 @@ class EndEvent:
     token_final_k: list[int] | None
     """Per-token budget under a k' cap only: each token's last k'."""
     token_met: list[bool] | None
+    token_kl: list[float] | None = None
+    """Fidelity only: each token's KL at its final rung (NaN when it got none)."""
+    token_top1: list[bool] | None = None
+    """Fidelity only: whether each token's top-1 prediction at its final rung is the clean one."""
 
 
 @dataclass(frozen=True)
@@ -93,21 +108,27 @@ class RungEvent:
     none for a token it did not compute); None unless asked."""
     end: EndEvent | None
     """Set on the stream's last rung."""
+    fidelity: fid.RungFidelity | None = None
+    """Fidelity only: what the rung did to the language model's predictions."""
 
 
 Event = Header | RungEvent | EndEvent
 
 
 def events(sae: SAE, model_id: str, plan: StreamPlan, codes: Codes, encoded: bool, cancelled: Callable[[], bool],
-           t0: float, on_rung: Callable[[], None], top: int = 0) -> Generator[Event, None, str | None]:
+           t0: float, on_rung: Callable[[], None], top: int = 0, text: TextActivations | None = None,
+           fidelity: fid.Fidelity | None = None) -> Generator[Event, None, str | None]:
     """The stream's events; returns the stop reason's name, or None when `cancelled` stopped it."""
-    yield Header(model_id, int(codes.indices.shape[0]), plan.ladder, plan.k_ladder, _cpu(codes), encoded)
+    spliced = fidelity.spliced.tolist() if fidelity is not None else None
+    yield Header(model_id, int(codes.indices.shape[0]), plan.ladder, plan.k_ladder, _cpu(codes), encoded, text,
+                 spliced)
     steps = plan.steps or budgets.g_steps(plan.ladder)
     n = codes.indices.shape[0]
-    per_token = plan.token_target_fvu is not None
+    per_token = plan.per_token
     x = plan.x.to(sae.W_dec.device) if plan.x is not None else None
-    source = (budgets.climb(sae, codes, steps, x, plan.token_target_fvu) if plan.steps is not None
-              else _progressive(sae, codes, plan.ladder))
+    score = fidelity.score if fidelity is not None else None
+    source = (budgets.climb(sae, codes, steps, x, plan.token_target_fvu, score, plan.token_target_kl)
+              if plan.steps is not None else _progressive(sae, codes, plan.ladder))
     fvu = _FVU(plan.x, per_token)
     l0 = torch.zeros(n, dtype=torch.long)
     final = torch.full((n,), -1, dtype=torch.long)  # index of each token's last rung
@@ -119,7 +140,7 @@ def events(sae: SAE, model_id: str, plan: StreamPlan, codes: Codes, encoded: boo
         if cancelled():
             return None
         if plan.deadline_s is not None and time.perf_counter() - t0 >= plan.deadline_s:
-            end = _end(pb.STOP_REASON_DEADLINE, steps, sent, last_fvu, t0, per_token, final, met)
+            end = _end(pb.STOP_REASON_DEADLINE, steps, sent, last_fvu, t0, per_token, final, met, fidelity)
             yield end
             return convert.STOP_REASONS[end.reason]
         r = next(source)  # climb ends early only once every token is done, which stops us first
@@ -133,26 +154,28 @@ def events(sae: SAE, model_id: str, plan: StreamPlan, codes: Codes, encoded: boo
         payload = (r.recon if plan.payload == pb.PAYLOAD_RECONSTRUCTION else
                    (r.recon if i == 0 else r.delta) if plan.payload == pb.PAYLOAD_DELTA else None)  # 1st delta: b_dec
         fresh = _fresh(cpu_codes, seen, tokens, step, top) if seen is not None and cpu_codes is not None else None
+        rung_fidelity = fidelity.rung(i == 0) if fidelity is not None else None
         sent, last_fvu = i + 1, f
         reason = None
         if plan.target_fvu is not None and f is not None and f <= plan.target_fvu:
             reason = pb.STOP_REASON_TARGET_FVU
         elif per_token and refining == 0:
-            reason = pb.STOP_REASON_TOKEN_TARGET_FVU
+            reason = (pb.STOP_REASON_TOKEN_TARGET_KL if plan.token_target_kl is not None
+                      else pb.STOP_REASON_TOKEN_TARGET_FVU)
         elif i == len(steps) - 1:
             reason = (pb.STOP_REASON_MAX_K if plan.k_cut else
                       pb.STOP_REASON_MAX_GRANULARITY if plan.cut else pb.STOP_REASON_LADDER_DONE)
         elapsed = 1e3 * (time.perf_counter() - t0)
-        end = None if reason is None else _end(reason, steps, sent, f, t0, per_token, final, met)
+        end = None if reason is None else _end(reason, steps, sent, f, t0, per_token, final, met, fidelity)
         yield RungEvent(i, step.g, step.k, tokens, per_token, r.l0.cpu(), float(l0.double().mean()), payload, f,
-                        refining, elapsed, fresh, end)
+                        refining, elapsed, fresh, end, rung_fidelity)
         if end is not None:
             return convert.STOP_REASONS[end.reason]
     raise AssertionError("the last rung sets a stop reason")
 
 
 def _end(reason: pb.StopReason, steps: tuple[budgets.Step, ...], sent: int, last_fvu: float | None, t0: float,
-         per_token: bool, final: Tensor, met: Tensor) -> EndEvent:
+         per_token: bool, final: Tensor, met: Tensor, fidelity: fid.Fidelity | None = None) -> EndEvent:
     last = steps[sent - 1] if sent else None
     token_g = token_k = token_met = None
     if per_token:
@@ -161,8 +184,11 @@ def _end(reason: pb.StopReason, steps: tuple[budgets.Step, ...], sent: int, last
         if any(s.k is not None for s in steps):
             token_k = [(steps[j].k or 0) if j >= 0 else 0 for j in idx]
         token_met = met.tolist()
+    kl = top1 = None
+    if fidelity is not None:
+        kl, top1 = fidelity.token_kl.tolist(), fidelity.token_top1.tolist()
     return EndEvent(reason, sent, last.g if last else 0, last.k if last else None, 1e3 * (time.perf_counter() - t0),
-                    last_fvu, token_g, token_k, token_met)
+                    last_fvu, token_g, token_k, token_met, kl, top1)
 
 
 class _FVU:
@@ -248,6 +274,13 @@ def header_message(h: Header, plan: StreamPlan) -> pb.StreamHeader:
         msg.codes.CopyFrom(convert.codes_from_arrays(h.codes.indices.numpy(), h.codes.values.numpy(),
                                                      packed=plan.packed_codes))
     msg.tokens = h.tokens
+    if h.text is not None:
+        t = h.text
+        msg.token_ids.extend(t.token_ids)
+        msg.token_strings.extend(t.tokens)
+        msg.text_tokens, msg.language_model, msg.layer = t.text_tokens or len(t.token_ids), t.language_model, t.layer
+    if h.spliced is not None:
+        msg.spliced.extend(h.spliced)
     return msg
 
 
@@ -263,6 +296,8 @@ def rung_message(r: RungEvent, plan: StreamPlan) -> pb.Rung:
     if r.fvu is not None:
         msg.fvu = r.fvu
     msg.elapsed_ms = r.elapsed_ms
+    if r.fidelity is not None:
+        fid.fill_rung(msg, r.fidelity)
     return msg
 
 
@@ -277,6 +312,9 @@ def end_message(e: EndEvent) -> pb.StreamEnd:
         msg.token_final_k.extend(e.token_final_k)
     if e.token_met is not None:
         msg.token_met.extend(e.token_met)
+    if e.token_kl is not None and e.token_top1 is not None:
+        msg.token_kl.extend(e.token_kl)
+        msg.token_top1.extend(e.token_top1)
     return msg
 
 

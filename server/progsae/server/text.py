@@ -1,12 +1,18 @@
 """Text -> tokens -> activations at a checkpoint's layer, via the shared language-model loader (progsae.lm).
 
 Kept apart from the codec: in Ray Serve it runs in its own deployment (`LanguageModel`)
-so the LM and the SAE codec scale independently. Loaded LMs are cached per process.
+so the LM and the SAE codec scale independently. Loaded LMs are cached per process: every
+TextBackend of a process shares them, and one lock, since a model object is not safe to run from two
+threads at once (hidden_at_layer and forward_from_layer hook or swap its layers while they run). A
+text stream's per-rung fidelity (progsae.server.fidelity) runs the layers after the SAE's on the
+same model, under the same lock (`holding`): in Ray, in the codec replica that streams.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,25 +60,39 @@ def available(card: ModelCard) -> bool:
     return True
 
 
+_LOCK = threading.RLock()
+_LOADED: dict[str, LoadedModel] = {}
+"""The process's loaded LMs, oldest first (guarded by _LOCK)."""
+
+
 class TextBackend:
-    """Loads LMs on first use and runs texts up to a layer."""
+    """Loads LMs on first use (the process's cache) and runs texts up to a layer."""
 
     def __init__(self, max_models: int = 1):
-        self._lock = threading.Lock()
-        self._loaded: dict[str, LoadedModel] = {}
+        self._lock = _LOCK
+        self._loaded = _LOADED
         self._max = max_models
 
     def lm(self, alias: str) -> LoadedModel:
+        """The loaded model (loading it first; at most `max_models` stay loaded)."""
         with self._lock:
             if alias not in self._loaded:
                 try:
+                    _models().resolve_model(alias)
                     loaded = _models().load_model(alias)
                 except ValueError as e:
-                    raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r}: {e}") from None
-                while len(self._loaded) >= self._max:
+                    raise ServiceError(Status.FAILED_PRECONDITION,
+                                       f"language model {alias!r} unavailable: {e}") from None
+                while self._loaded and len(self._loaded) >= self._max:
                     self._loaded.pop(next(iter(self._loaded)))
                 self._loaded[alias] = loaded
             return self._loaded[alias]
+
+    @contextmanager
+    def holding(self, alias: str) -> Iterator[LoadedModel]:
+        """The loaded model, run by no other thread of the process while the block runs."""
+        with self._lock:
+            yield self.lm(alias)
 
     def run(self, alias: str | None, layer: int | None, text: str, max_tokens: int) -> TextActivations:
         if not alias or layer is None:

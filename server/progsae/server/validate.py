@@ -17,7 +17,8 @@ from progsae.sae.codec import Codes, check_ladder
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
-from .errors import exhausted, invalid
+from . import fidelity
+from .errors import ServiceError, Status, exhausted, invalid
 from .registry import ServedModel
 
 
@@ -141,14 +142,25 @@ class StreamPlan:
     """STREAM_AXIS_K (revision 3): the k' rungs, at G = ladder[0], already cut at max_k; empty = a G climb."""
     k_cut: bool = False
     """True when max_k shortened the k' ladder (end reason MAX_K)."""
+    fidelity: fidelity.Ask | None = None
+    """Revision 5, a text stream's per-rung fidelity (KL, top-1, predictions; a per-token KL budget)."""
+
+    @property
+    def per_token(self) -> bool:
+        """A per-token budget (FVU and/or KL): rungs list the tokens they compute."""
+        return self.token_target_fvu is not None or self.token_target_kl is not None
+
+    @property
+    def token_target_kl(self) -> float | None:
+        return self.fidelity.token_target_kl if self.fidelity is not None else None
 
     @property
     def steps(self) -> tuple[budgets.Step, ...] | None:
-        """The (G, k') steps of a stream that uses a revision-3 budget; None for a plain G climb, which
-        takes the revision-2 path unchanged."""
+        """The (G, k') steps of a stream that uses a revision-3 budget or fidelity; None for a plain G
+        climb, which takes the revision-2 path unchanged."""
         if self.k_ladder:
             return budgets.k_steps(self.ladder[0], self.k_ladder)
-        if self.token_target_fvu is not None or self.max_k is not None:
+        if self.token_target_fvu is not None or self.max_k is not None or self.fidelity is not None:
             return budgets.g_steps(self.ladder, self.max_k)
         return None
 
@@ -157,9 +169,12 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits,
                 x: torch.Tensor | None = None) -> StreamPlan:
     """The checked plan of a stream; `x` is activations the server made itself (a text's), in place of
     the request's input."""
+    text = x is not None
     which = "activations" if x is not None else req.WhichOneof("input")
     if which is None:
-        raise invalid("StreamDecodeRequest needs an input: activations or codes")
+        raise invalid("StreamDecodeRequest needs an input: activations, codes or text")
+    if which == "text":
+        raise invalid("a text input is run by the server's language model first; this path takes activations")
     if x is None and which == "activations":
         x = activations(req.activations, model, limits)
     c = codes(req.codes, model, limits) if which == "codes" else None
@@ -210,7 +225,30 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits,
     if k_ladder:
         ladder, cut = (int(b.max_granularity) if b.HasField("max_granularity") else model.d_sae,), False
     return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0, req.packed_codes,
-                      token_target, max_k, k_ladder, k_cut)
+                      token_target, max_k, k_ladder, k_cut, _fidelity(req, model, text))
+
+
+def _fidelity(req: pb.StreamDecodeRequest, model: ServedModel, text: bool) -> fidelity.Ask | None:
+    """Revision 5: what a text stream measures downstream (None: nothing, the stream of revision 4)."""
+    b, f = req.budget, req.fidelity
+    target = None
+    if b.HasField("token_target_kl"):
+        t = b.token_target_kl
+        if not (math.isfinite(t) and t > 0):
+            raise invalid(f"budget.token_target_kl must be a finite number of nats > 0, got {t}")
+        target = float(t)
+    if not 0 <= f.predictions <= fidelity.MAX_PREDICTIONS:
+        raise invalid(f"fidelity.predictions must be in 0..{fidelity.MAX_PREDICTIONS}, got {f.predictions}")
+    if not (f.kl or f.predictions or target is not None):
+        return None
+    if not text:
+        what = "budget.token_target_kl" if target is not None else "fidelity"
+        raise invalid(f"{what} needs a text input (StreamDecodeRequest.text): the next-token predictions are "
+                      "the language model's over the text's own tokens, which activations or codes do not carry")
+    if not model.meta.model or model.meta.layer is None:
+        raise ServiceError(Status.FAILED_PRECONDITION,
+                           f"model {model.id} names no language model and layer; fidelity needs both")
+    return fidelity.Ask(int(f.predictions), target)
 
 
 def _token_target(b: pb.Budget, x: torch.Tensor | None) -> float | None:

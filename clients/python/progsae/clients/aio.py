@@ -77,11 +77,15 @@ class AsyncClient:
                      target_fvu: float | None = None, payload: str = "reconstruction", ladder: Sequence[int] = (),
                      per_token_l0: bool = False, dtype: str = "float32", timeout: float | None = None,
                      result: t.StreamResult | None = None, token_target_fvu: float | None = None,
-                     max_k: int | None = None, axis: str = "g", k_ladder: Sequence[int] = ()) -> AsyncIterator[t.Rung]:
+                     max_k: int | None = None, axis: str = "g", k_ladder: Sequence[int] = (), *, kl: bool = False,
+                     predictions: int = 0, token_target_kl: float | None = None,
+                     max_tokens: int = 0) -> AsyncIterator[t.Rung]:
         """Async iterator of rungs; pass `result` to receive the header facts, stop reason and (per-token
-        budgets) each token's outcome. The budget arguments are `Client.stream`'s."""
+        budgets, fidelity) each token's outcome. The inputs (a text too) and budget arguments are
+        `Client.stream`'s."""
         req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype,
-                               token_target_fvu, max_k, axis, k_ladder)
+                               token_target_fvu, max_k, axis, k_ladder, kl=kl, predictions=predictions,
+                               token_target_kl=token_target_kl, max_tokens=max_tokens)
         result = result if result is not None else t.StreamResult()
         cfg, retries, replay = self.config, Retries(self.config), Replay(req)
         failed: tuple[grpc.StatusCode, str] | None = None

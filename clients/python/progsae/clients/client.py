@@ -6,6 +6,10 @@
         x_hat = c.decode_at(enc, g=256).reconstruction
         for rung in c.stream(x, model="topk", target_fvu=0.2):
             print(rung.g, rung.mean_l0, rung.fvu)
+        s = c.stream("The Eiffel Tower is in", model="topk", token_target_kl=0.1, predictions=3)
+        for rung in s:                            # a text: the server runs its language model first
+            print(rung.g, rung.mean_kl)          # KL of the next-token prediction, rung by rung
+        print(s.result.token_final_g, s.result.token_kl, s.result.token_met)
 
 Every call has a deadline (`timeout`), is retried on UNAVAILABLE with exponential backoff, and
 raises `ProgsaeError` carrying the gRPC status code and the server's one-line message. Every
@@ -287,15 +291,25 @@ class Client:
                target_fvu: float | None = None, payload: str = "reconstruction", ladder: Sequence[int] = (),
                per_token_l0: bool = False, dtype: str = "float32", timeout: float | None = None,
                token_target_fvu: float | None = None, max_k: int | None = None, axis: str = "g",
-               k_ladder: Sequence[int] = ()) -> Stream:
-        """Progressive decode of activations (np.ndarray) or codes under a budget: iterate for rungs.
+               k_ladder: Sequence[int] = (), *, kl: bool = False, predictions: int = 0,
+               token_target_kl: float | None = None, max_tokens: int = 0) -> Stream:
+        """Progressive decode of activations (np.ndarray), codes or a text (str: the server runs the
+        checkpoint's language model up to its layer first, at most `max_tokens` tokens) under a budget:
+        iterate for rungs.
 
         `token_target_fvu`: each token stops refining once its own relative error is <= it; after the
         stream, `result.token_final_g`, `result.token_met` and (tensor payloads) `result.reconstruction`
         hold each token's outcome. `max_k`: decode at (G, k'). `axis="k"`: climb k' up `k_ladder`
-        (default 1, 2, 4, ..., k) at G = `max_g` or M."""
+        (default 1, 2, 4, ..., k) at G = `max_g` or M.
+
+        Text streams only (revision 5): `kl` gives each rung, per computed token, the KL of the language
+        model's next-token prediction with the rung's reconstruction spliced in (`rung.kl`, `rung.top1`,
+        `rung.mean_kl`; `result.token_kl` at the end); `predictions=n` adds the n most probable next
+        tokens (`rung.predictions`, `result.clean_predictions`); `token_target_kl` stops each token at its
+        first rung with KL <= it (as token_target_fvu does)."""
         req = t.stream_request(inputs, model, max_g, deadline_ms, target_fvu, payload, ladder, per_token_l0, dtype,
-                               token_target_fvu, max_k, axis, k_ladder)
+                               token_target_fvu, max_k, axis, k_ladder, kl=kl, predictions=predictions,
+                               token_target_kl=token_target_kl, max_tokens=max_tokens)
         return Stream(self, req, model, timeout)
 
     def encode_text(self, text: str, model: str = "", max_tokens: int = 0) -> t.TextEncoded:

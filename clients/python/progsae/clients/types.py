@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -49,6 +49,15 @@ class Decoded:
     l0: np.ndarray
 
 
+class Prediction(NamedTuple):
+    """One of the most probable next tokens after a token (revision 5)."""
+
+    id: int
+    prob: float
+    token: str
+    """As the tokenizer decodes it."""
+
+
 @dataclass(frozen=True)
 class Rung:
     """One rung of a stream."""
@@ -70,6 +79,15 @@ class Rung:
     """Per-token budget: the tokens this rung computed, one row of `tensor` and `l0` each (None = all)."""
     refining: int | None = None
     """Per-token budget: tokens still refining after this rung."""
+    kl: np.ndarray | None = None
+    """Fidelity (text streams with kl): per computed token (one per row, as `l0`), KL(p_clean || p) in nats
+    of the next-token distribution after it, this rung's reconstruction spliced into the language model."""
+    top1: np.ndarray | None = None
+    """Fidelity: per computed token, whether the most probable next token is the clean one."""
+    mean_kl: float | None = None
+    """Fidelity: mean KL over every token, a finished one at its final rung."""
+    predictions: list[list[Prediction]] | None = None
+    """Fidelity with predictions: per computed token, the most probable next tokens."""
 
 
 @dataclass
@@ -100,6 +118,23 @@ class StreamResult:
     reconstruction: np.ndarray | None = None
     """Per-token budget with a tensor payload: [N, d_in] each token's reconstruction at its latest rung
     (after the end: its final one), assembled from the rungs' rows."""
+    token_ids: list[int] = field(default_factory=list)
+    """Text input: the text's token ids (one per streamed token)."""
+    token_strings: list[str] = field(default_factory=list)
+    """Text input: each token as the tokenizer decodes it."""
+    text_tokens: int = 0
+    """Text input: tokens of the whole text (more than `tokens` when the server cut it)."""
+    language_model: str = ""
+    layer: int = -1
+    spliced: np.ndarray | None = None
+    """Fidelity: [N] bool, whether each token's reconstruction is spliced into the language model (False:
+    an outlier kept at its clean activation)."""
+    clean_predictions: list[list[Prediction]] | None = None
+    """Fidelity with predictions: per token, the clean model's most probable next tokens (first rung)."""
+    token_kl: np.ndarray | None = None
+    """Fidelity: [N] each token's KL at its final rung (NaN when it got no rung)."""
+    token_top1: np.ndarray | None = None
+    """Fidelity: [N] bool, whether each token's top-1 prediction at its final rung is the clean one."""
 
 
 @dataclass(frozen=True)
@@ -174,16 +209,25 @@ def decoded(resp: pb.DecodeResponse) -> Decoded:
 
 def stream_request(inputs, model: str, max_g: int | None, deadline_ms: int | None, target_fvu: float | None,
                    payload: str, ladder, per_token_l0: bool, dtype: str, token_target_fvu: float | None = None,
-                   max_k: int | None = None, axis: str = "g", k_ladder=()) -> pb.StreamDecodeRequest:
+                   max_k: int | None = None, axis: str = "g", k_ladder=(), *, kl: bool = False,
+                   predictions: int = 0, token_target_kl: float | None = None,
+                   max_tokens: int = 0) -> pb.StreamDecodeRequest:
+    """`inputs`: activations (np.ndarray), codes, or a text (str, revision 5)."""
     if axis not in AXES:
         raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
     req = pb.StreamDecodeRequest(model_id=model, payload=PAYLOADS[payload], per_token_l0=per_token_l0,
                                  ladder=list(ladder or ()), packed_codes=True, axis=AXES[axis],
                                  k_ladder=list(k_ladder or ()))
-    if isinstance(inputs, np.ndarray):
+    if isinstance(inputs, str):
+        req.text.text, req.text.max_tokens = inputs, max_tokens
+    elif isinstance(inputs, np.ndarray):
         req.activations.CopyFrom(convert.from_numpy(inputs, dtype))
     else:
         req.codes.CopyFrom(codes_msg(inputs))
+    if kl or predictions:
+        req.fidelity.kl, req.fidelity.predictions = True, predictions
+    if token_target_kl is not None:
+        req.budget.token_target_kl = token_target_kl
     if max_g is not None:
         req.budget.max_granularity = max_g
     if deadline_ms is not None:
@@ -205,6 +249,10 @@ def absorb(msg: pb.StreamDecodeResponse, result: StreamResult, client_ms: float)
         result.codes = convert.codes_to_arrays(h.codes) if h.HasField("codes") else None
         result.payload, result.tokens = h.payload, h.tokens
         result.axis, result.k_ladder = "k" if h.axis == pb.STREAM_AXIS_K else "g", tuple(h.k_ladder)
+        result.token_ids, result.token_strings = list(h.token_ids), list(h.token_strings)
+        result.text_tokens, result.language_model = h.text_tokens, h.language_model
+        result.layer = h.layer if h.token_ids else -1
+        result.spliced = np.array(h.spliced, dtype=bool) if len(h.spliced) else None
     rung = None
     if msg.HasField("rung"):
         r = msg.rung
@@ -212,7 +260,13 @@ def absorb(msg: pb.StreamDecodeResponse, result: StreamResult, client_ms: float)
                     convert.to_numpy(r.tensor) if r.HasField("tensor") else None,
                     r.fvu if r.HasField("fvu") else None, r.elapsed_ms, client_ms, r.k,
                     np.array(r.tokens, dtype=np.int64) if r.HasField("refining") else None,
-                    r.refining if r.HasField("refining") else None)
+                    r.refining if r.HasField("refining") else None,
+                    np.array(r.kl, dtype=np.float64) if r.HasField("mean_kl") else None,
+                    np.array(r.top1, dtype=bool) if r.HasField("mean_kl") else None,
+                    r.mean_kl if r.HasField("mean_kl") else None,
+                    _predictions(r.predictions) if len(r.predictions) else None)
+        if len(r.clean_predictions):
+            result.clean_predictions = _predictions(r.clean_predictions)
     if msg.HasField("end"):
         e = msg.end
         result.stop_reason = STOP_REASONS.get(e.stop_reason, str(e.stop_reason))
@@ -223,7 +277,15 @@ def absorb(msg: pb.StreamDecodeResponse, result: StreamResult, client_ms: float)
             result.token_final_g = np.array(e.token_final_g, dtype=np.int64)
             result.token_final_k = np.array(e.token_final_k, dtype=np.int64) if len(e.token_final_k) else None
             result.token_met = np.array(e.token_met, dtype=bool)
+        if len(e.token_kl):
+            result.token_kl = np.array(e.token_kl, dtype=np.float64)
+            result.token_top1 = np.array(e.token_top1, dtype=bool)
     return rung
+
+
+def _predictions(msgs) -> list[list[Prediction]]:
+    return [[Prediction(int(i), float(p), s) for i, p, s in zip(m.ids, m.probs, m.tokens, strict=True)]
+            for m in msgs]
 
 
 def accumulate(result: StreamResult, rung: Rung) -> None:
