@@ -88,6 +88,7 @@ def run(path: str, root: Path, budget: int, mix: list[int], clients: int, tokens
     return {"path": path, "calls": len(mix), "failed": failed[0], "replicas_asked": len(seen),
             "loads": loads, "loads_per_1000": round(1000 * loads / len(mix), 1),
             "forwarded": sum(st.work["forward"] for st in seen.values()),
+            "not_placed": sum(st.work["forward unrouted"] for st in seen.values()),
             "p50_ms": round(statistics.median(lat), 2), "p99_ms": round(lat[int(0.99 * (len(lat) - 1))], 2),
             "wall_s": round(wall, 1),
             "held_mib": {r: round(st.loaded_bytes / 2**20, 1) for r, st in seen.items()}}

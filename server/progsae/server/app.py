@@ -84,7 +84,8 @@ class Codec:
             Stats(RayServeSink()), text_available=self._text_available)
         self.lm = lm if c.text else None
         self.model_budget = c.model_memory_bytes or admission.available_bytes() // 4
-        forward = placement.HandleForwarder(self._self_handle, self.loaded) if c.forward_direct_calls else None
+        forward = (placement.HandleForwarder(self._self_handle, self.loaded, c.forward_wait_s)
+                   if c.forward_direct_calls else None)
         self.servicer = ProgsaeServicer(self.registry, self.service,
                                         token=auth.resolve_token(c.auth_token, c.auth_token_env), forward=forward,
                                         # Ray leaves serve.multiplexed's result unannotated (pyright misreads it)

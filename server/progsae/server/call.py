@@ -39,6 +39,9 @@ class Call:
     its autoscaler; the replica reports the first itself (progsae.server.autoscaling)."""
     trusted = False
     """True for a call another replica of the deployment authorised already (progsae.server.placement)."""
+    stay = False
+    """Serve the call on this replica even when its model is held by another: set when forwarding it
+    found no replica in time (progsae.server.placement)."""
 
     def __init__(self, metadata: Iterable[tuple[str, str]] = ()):
         self._metadata = {k.lower(): v for k, v in metadata}

@@ -59,11 +59,15 @@ class AppConfig:
     """Bytes of model weights a codec replica may hold (serve.multiplexed's LRU, bounded by bytes: the
     least recently used models are unloaded to make room; progsae.server.placement). 0 = a quarter of
     what the replica may use when it starts."""
-    forward_direct_calls: bool = False
+    forward_direct_calls: bool = True
     """A call on a replica's own port for a model that replica does not hold is sent on, through Serve's
     multiplexed router, to a replica that holds it, instead of loading it there too (progsae.server.placement).
-    Off by default while a hang is open (RELIABILITY.md "Known gaps"): such a call then loads the model on
-    the replica it reached."""
+    Off: every replica loads the models it is asked for."""
+    forward_wait_s: float = 2.0
+    """How long a forwarded call waits on Ray for what takes milliseconds when all is well
+    (progsae.server.placement): Serve's router placing it (past that, it is served on the replica it
+    reached, which loads its model) and fetching a stream item the target replica has produced (past
+    that, the target's node is taken as lost: UNAVAILABLE, which the project's clients retry or resume)."""
     replica_memory_bytes: int = 0
     """Most memory one call may need on a codec replica (ServiceConfig.memory_bytes): larger calls are
     refused with RESOURCE_EXHAUSTED before they run. 0 = half of what the replica may use, over

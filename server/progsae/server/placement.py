@@ -16,14 +16,18 @@ the replica does not hold sent on to one that does, by Serve's own multiplexed r
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from .call import Call
 from .errors import ServiceError, Status, exhausted, internal
 from .ray_proxy import LOST_REPLICA, is_lost_replica
 from .registry import ModelRef, ServedModel
+from .servicer import NotRouted
+
+T = TypeVar("T")
 
 
 class ForwardedCall(Call):
@@ -52,35 +56,76 @@ async def make_room(lru: Any, need: int, budget: int, model_id: str) -> None:
 
 
 class HandleForwarder:
-    """Sends direct-port calls for models held elsewhere through this deployment's handle."""
+    """Sends direct-port calls for models held elsewhere through this deployment's handle.
 
-    def __init__(self, handle: Callable[[], Any], held: Callable[[], Mapping[str, ServedModel]]):
-        self._handle, self._held = handle, held
+    Ray is waited on for at most `wait_s` where all is well in milliseconds, so that a forwarded call
+    never waits longer than it would on its own replica:
+    * Serve's router placing the call on a replica (a fresh replica's router may not know the
+      deployment's replicas yet): past it, NotRouted, and the call is served here, loading its model;
+    * fetching a stream item the target has produced (its node died, and Ray holds the item's fetch
+      until it declares the node dead, tens of seconds later): past it, UNAVAILABLE, which the
+      project's clients retry or resume. Measured: tests/integration/test_ray_node_failure.py.
+    The call's deadline bounds the rest (grpc.aio cancels the call there, and the forwarded one with it)."""
+
+    def __init__(self, handle: Callable[[], Any], held: Callable[[], Mapping[str, ServedModel]],
+                 wait_s: float = 2.0):
+        self._handle, self._held, self.wait_s = handle, held, wait_s
 
     def wants(self, spec: ModelRef, call: Call) -> bool:
         return call.transport == "direct" and spec.id not in self._held()
 
     async def unary(self, method: str, request: Any, spec: ModelRef, call: Call) -> Any:
-        h = self._handle().options(multiplexed_model_id=spec.id)
+        response = self._handle().options(multiplexed_model_id=spec.id).forwarded.remote(
+            method, request, call.time_remaining())
+        ref = await self._routed(response._to_object_ref(), response, call)
         try:
-            return await h.forwarded.remote(method, request, call.time_remaining())
-        except Exception as e:  # noqa: BLE001  (mapped to one status below)
-            raise _unwrap(e) from None
+            return await ref
+        except BaseException as e:
+            response.cancel()
+            if isinstance(e, Exception):
+                raise _unwrap(e) from None
+            raise
 
     async def stream(self, method: str, request: Any, spec: ModelRef, call: Call) -> AsyncGenerator[Any, None]:
-        gen = self._handle().options(multiplexed_model_id=spec.id, stream=True).forwarded_stream.remote(
+        response = self._handle().options(multiplexed_model_id=spec.id, stream=True).forwarded_stream.remote(
             method, request, call.time_remaining())
+        refs = await self._routed(response._to_object_ref_gen(), response, call)
         try:
-            async for msg in gen:
-                yield msg
-        except Exception as e:  # noqa: BLE001
+            async for n, ref in _enumerate(refs):
+                try:
+                    item = await asyncio.wait_for(ref, self.wait_s)
+                except TimeoutError:
+                    raise ServiceError(Status.UNAVAILABLE, LOST_REPLICA.format(
+                        f"item {n + 1} of the replica it was sent on to not fetched in {self.wait_s:g} s")) from None
+                yield item
+        except Exception as e:  # noqa: BLE001  (mapped to one status)
             raise _unwrap(e) from None
         finally:
-            gen.cancel()
+            response.cancel()
+
+    async def _routed(self, assigned: Awaitable[T], response: Any, call: Call) -> T:
+        """`assigned` (the handle call placed on a replica) within wait_s, else NotRouted."""
+        left = call.time_remaining()
+        try:
+            return await asyncio.wait_for(assigned, self.wait_s if left is None else min(self.wait_s, left))
+        except TimeoutError:
+            response.cancel()
+            raise NotRouted from None
+        except Exception as e:  # noqa: BLE001
+            raise _unwrap(e) from None
+
+
+async def _enumerate(items: AsyncIterator[T]) -> AsyncGenerator[tuple[int, T], None]:
+    n = 0
+    async for item in items:
+        yield n, item
+        n += 1
 
 
 def _unwrap(e: BaseException) -> ServiceError:
     """The status the target answered (Ray wraps it in a RayTaskError), UNAVAILABLE for a lost replica."""
+    if isinstance(e, ServiceError):
+        return e
     cause = getattr(e, "cause", e)
     if isinstance(cause, ServiceError):
         return ServiceError(cause.status, cause.message)

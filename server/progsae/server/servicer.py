@@ -41,7 +41,8 @@ _END = object()
 
 
 class Forwarder(Protocol):
-    """Where a call goes when its model is held by another replica (Ray: progsae.server.placement)."""
+    """Where a call goes when its model is held by another replica (Ray: progsae.server.placement).
+    `unary` and `stream` raise NotRouted when no replica took the call in time: it is then served here."""
 
     def wants(self, spec: ModelRef, call: Call) -> bool: ...
     async def unary(self, method: str, request: Any, spec: ModelRef, call: Call) -> Any: ...
@@ -53,6 +54,10 @@ class Elsewhere(Exception):
 
     def __init__(self, spec: ModelRef):
         self.spec = spec
+
+
+class NotRouted(Exception):
+    """The forwarder could not place the call on another replica in time: this replica serves it."""
 
 
 class StreamRejected(Exception):
@@ -142,7 +147,7 @@ class ProgsaeServicer:
         """The call's model, loaded; a call of `tokens` tokens is priced first (admission) and refused
         when it would not fit the replica's memory."""
         spec = self.resolve(field, call)
-        if self.forward is not None and self.forward.wants(spec, call):
+        if self.forward is not None and not call.stay and self.forward.wants(spec, call):
             raise Elsewhere(spec)
         if tokens > 0:
             m = self.registry.card(spec).meta
@@ -164,8 +169,13 @@ class ProgsaeServicer:
                     out = await body()
                 except Elsewhere as e:
                     assert self.forward is not None and request is not None  # only model() raises it
-                    stats.count("forward")
-                    out = await self.forward.unary(method, request, e.spec, call)
+                    try:
+                        out = await self.forward.unary(method, request, e.spec, call)
+                        stats.count("forward")
+                    except NotRouted:
+                        stats.count("forward unrouted")
+                        call.stay = True
+                        out = await body()
             size = getattr(out, "ByteSize", None)
             if size is not None:
                 stats.bytes_out(label, size())
@@ -191,7 +201,7 @@ class ProgsaeServicer:
                 self.authorize(call)
                 expired = call.expired(t0)
                 ended = False
-                items = self._forwarding(body(expired, t0), method, request, call)
+                items = self._forwarding(lambda: body(expired, t0), method, request, call)
                 async for item in items:
                     size = getattr(item, "ByteSize", None)
                     if size is not None:
@@ -208,10 +218,12 @@ class ProgsaeServicer:
             if items is not None:
                 await items.aclose()  # stops its computing at once (OffLoop.close)
 
-    async def _forwarding(self, items: AsyncGenerator[T, None], method: str, request: Any,
+    async def _forwarding(self, body: Callable[[], AsyncGenerator[T, None]], method: str, request: Any,
                           call: Call) -> AsyncGenerator[T, None]:
-        """`items`, or, when the body finds its model held elsewhere (before its first item), the stream
-        of the replica that holds it."""
+        """`body()`'s items, or, when it finds its model held elsewhere (before its first item), the
+        stream of the replica that holds it; when no replica takes the call in time, `body()`'s again,
+        served here."""
+        items = body()
         try:
             async for item in items:
                 yield item
@@ -221,9 +233,20 @@ class ProgsaeServicer:
         finally:
             await items.aclose()
         assert self.forward is not None and request is not None  # only model() raises Elsewhere
-        self.service.stats.count("forward")
         sent = self.forward.stream(method, request, elsewhere.spec, call)
         try:
+            try:
+                first = await anext(sent)
+            except StopAsyncIteration:
+                return
+            except NotRouted:
+                self.service.stats.count("forward unrouted")
+                call.stay = True
+                sent = body()
+                first = await anext(sent)  # its model is loaded here now: no Elsewhere
+            else:
+                self.service.stats.count("forward")
+            yield first
             async for item in sent:
                 yield item
         finally:
