@@ -293,7 +293,7 @@ class StreamDecodeResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., rung: _Optional[_Union[Rung, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("model_id", "tokens", "ladder", "payload", "codes", "axis", "k_ladder", "token_ids", "token_strings", "text_tokens", "spliced", "language_model", "layer")
+    __slots__ = ("model_id", "tokens", "ladder", "payload", "codes", "axis", "k_ladder", "token_ids", "token_strings", "text_tokens", "spliced", "language_model", "layer", "fvu_reference_variance")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LADDER_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +307,7 @@ class StreamHeader(_message.Message):
     SPLICED_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
+    FVU_REFERENCE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokens: int
     ladder: _containers.RepeatedScalarFieldContainer[int]
@@ -320,7 +321,8 @@ class StreamHeader(_message.Message):
     spliced: _containers.RepeatedScalarFieldContainer[bool]
     language_model: str
     layer: int
-    def __init__(self, model_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_strings: _Optional[_Iterable[str]] = ..., text_tokens: _Optional[int] = ..., spliced: _Optional[_Iterable[bool]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
+    fvu_reference_variance: float
+    def __init__(self, model_id: _Optional[str] = ..., tokens: _Optional[int] = ..., ladder: _Optional[_Iterable[int]] = ..., payload: _Optional[_Union[PayloadKind, str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., axis: _Optional[_Union[StreamAxis, str]] = ..., k_ladder: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_strings: _Optional[_Iterable[str]] = ..., text_tokens: _Optional[int] = ..., spliced: _Optional[_Iterable[bool]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ..., fvu_reference_variance: _Optional[float] = ...) -> None: ...
 
 class EncodeTextRequest(_message.Message):
     __slots__ = ("model_id", "text", "max_tokens", "packed_codes")

@@ -21,7 +21,11 @@
                                         are `spliced`; each rung carries, per computed token, `kl`,
                                         `top1` and `predictions` ([[token, p], ...]), its `mean_kl`,
                                         and the first rung `clean_predictions` per token; the end
-                                        each token's `token_kl` and `token_top1`
+                                        each token's `token_kl` and `token_top1`. The header's
+                                        `fvu_baseline` says what FVU divides by: "checkpoint" (a
+                                        text: the checkpoint's reference variance per token,
+                                        `fvu_reference_variance`) or "batch" (sent activations, or
+                                        a checkpoint that records none)
     GET  /api/stats                  this replica's counters
 Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching HTTP status.
 
@@ -225,7 +229,8 @@ async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: StreamBody) -> 
                 header = {"model_id": item.model_id, "ladder": list(item.ladder),
                           "tokens": list(text_out.tokens) if text_out else None,
                           "n_tokens": item.tokens, "axis": "k" if item.k_ladder else "g",
-                          "k_ladder": list(item.k_ladder), **_text_info(text_out, item.tokens)}
+                          "k_ladder": list(item.k_ladder), **_text_info(text_out, item.tokens),
+                          **_fvu_baseline(item)}
                 if item.spliced is not None:
                     header["spliced"] = item.spliced
                 yield _sse("header", header)
@@ -250,6 +255,13 @@ def _text_info(ta: TextActivations | None, n: int) -> dict[str, Any]:
         return {"lm_ms": None, "text_tokens": None, "truncated": False}
     total = ta.text_tokens or n
     return {"lm_ms": round(ta.lm_ms, 2), "text_tokens": total, "truncated": total > n}
+
+
+def _fvu_baseline(h: stream.Header) -> dict[str, Any]:
+    """What the stream's FVU divides by: "checkpoint" (its reference variance per token, for a text)
+    or "batch" (the tokens' own variance: sent activations, or a checkpoint that records none)."""
+    return {"fvu_baseline": "batch" if h.fvu_variance is None else "checkpoint",
+            "fvu_reference_variance": h.fvu_variance}
 
 
 def _rung_json(r: stream.RungEvent) -> dict[str, Any]:

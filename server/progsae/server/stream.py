@@ -61,6 +61,8 @@ class Header:
     """A text input's tokens (StreamDecode's header names them; the HTTP API sends them itself)."""
     spliced: list[bool] | None = None
     """Fidelity only: per token, whether its reconstruction is spliced into the language model."""
+    fvu_variance: float | None = None
+    """The per-token variance its FVU divides by (StreamPlan.fvu_variance); None = the batch's own."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def events(sae: SAE, model_id: str, plan: StreamPlan, codes: Codes, encoded: boo
     """The stream's events; returns the stop reason's name, or None when `cancelled` stopped it."""
     spliced = fidelity.spliced.tolist() if fidelity is not None else None
     yield Header(model_id, int(codes.indices.shape[0]), plan.ladder, plan.k_ladder, _cpu(codes), encoded, text,
-                 spliced)
+                 spliced, plan.fvu_variance)
     steps = plan.steps or budgets.g_steps(plan.ladder)
     n = codes.indices.shape[0]
     per_token = plan.per_token
@@ -129,7 +131,7 @@ def events(sae: SAE, model_id: str, plan: StreamPlan, codes: Codes, encoded: boo
     score = fidelity.score if fidelity is not None else None
     source = (budgets.climb(sae, codes, steps, x, plan.token_target_fvu, score, plan.token_target_kl)
               if plan.steps is not None else _progressive(sae, codes, plan.ladder))
-    fvu = _FVU(plan.x, per_token)
+    fvu = _FVU(plan.x, per_token, plan.fvu_variance)
     l0 = torch.zeros(n, dtype=torch.long)
     final = torch.full((n,), -1, dtype=torch.long)  # index of each token's last rung
     met = torch.zeros(n, dtype=torch.bool)
@@ -194,13 +196,16 @@ def _end(reason: pb.StopReason, steps: tuple[budgets.Step, ...], sent: int, last
 class _FVU:
     """A rung's FVU over the whole batch. A plain climb measures each rung's full reconstruction
     (metrics.fvu); a per-token climb keeps every token's last squared error, since a rung computes
-    only the tokens still refining."""
+    only the tokens still refining. Both divide by `variance` per token when given (a checkpoint's
+    reference), else by the batch's own total variance."""
 
-    def __init__(self, x: Tensor | None, per_token: bool):
-        self.x, self.per_token = x, per_token
+    def __init__(self, x: Tensor | None, per_token: bool, variance: float | None = None):
+        self.x, self.per_token, self.variance = x, per_token, variance
         n = 0 if x is None else x.shape[0]
         self.sse = torch.zeros(n, dtype=torch.float64)
-        self.tv = float(budgets.token_baseline(x).sum()) if x is not None and per_token else 0.0
+        self.tv = 0.0
+        if x is not None and per_token:
+            self.tv = n * variance if variance is not None else float(budgets.token_baseline(x).sum())
 
     def rung(self, tokens: Tensor, r: budgets.StepRung) -> float | None:
         if self.x is None:
@@ -210,7 +215,7 @@ class _FVU:
             self.sse[tokens] = r.sse.cpu()
             f = float(self.sse.sum()) / self.tv if self.tv > 0 else float("inf")
         else:
-            f = metrics.fvu(self.x, r.recon.cpu())
+            f = metrics.fvu(self.x, r.recon.cpu(), self.variance)
         return f if np.isfinite(f) else None
 
 
@@ -281,6 +286,8 @@ def header_message(h: Header, plan: StreamPlan) -> pb.StreamHeader:
         msg.text_tokens, msg.language_model, msg.layer = t.text_tokens or len(t.token_ids), t.language_model, t.layer
     if h.spliced is not None:
         msg.spliced.extend(h.spliced)
+    if h.fvu_variance is not None:
+        msg.fvu_reference_variance = h.fvu_variance
     return msg
 
 

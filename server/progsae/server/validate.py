@@ -144,6 +144,10 @@ class StreamPlan:
     """True when max_k shortened the k' ladder (end reason MAX_K)."""
     fidelity: fidelity.Ask | None = None
     """Revision 5, a text stream's per-rung fidelity (KL, top-1, predictions; a per-token KL budget)."""
+    fvu_variance: float | None = None
+    """The per-token variance a rung's FVU divides by: the checkpoint's reference_variance for a text
+    the server encoded (a few tokens' own variance is a poor baseline), None = the batch's own, for
+    activations a client sent (as ever) and for a checkpoint that records none."""
 
     @property
     def per_token(self) -> bool:
@@ -170,6 +174,7 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits,
     """The checked plan of a stream; `x` is activations the server made itself (a text's), in place of
     the request's input."""
     text = x is not None
+    fvu_variance = model.meta.reference_variance if text else None
     which = "activations" if x is not None else req.WhichOneof("input")
     if which is None:
         raise invalid("StreamDecodeRequest needs an input: activations, codes or text")
@@ -207,7 +212,7 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits,
             raise invalid(f"budget.target_fvu must be in (0, 1], got {t}")
         if x is None:
             raise invalid("budget.target_fvu needs activations as the input (FVU is measured against them)")
-        if x.shape[0] < 2:
+        if x.shape[0] < 2 and fvu_variance is None:
             raise invalid("budget.target_fvu needs at least 2 tokens (FVU of one token is undefined)")
         target = float(t)
     if req.payload not in (pb.PAYLOAD_RECONSTRUCTION, pb.PAYLOAD_DELTA, pb.PAYLOAD_NONE):
@@ -225,7 +230,7 @@ def stream_plan(req: pb.StreamDecodeRequest, model: ServedModel, limits: Limits,
     if k_ladder:
         ladder, cut = (int(b.max_granularity) if b.HasField("max_granularity") else model.d_sae,), False
     return StreamPlan(x, c, ladder, cut, deadline, target, req.payload, dtype, req.per_token_l0, req.packed_codes,
-                      token_target, max_k, k_ladder, k_cut, _fidelity(req, model, text))
+                      token_target, max_k, k_ladder, k_cut, _fidelity(req, model, text), fvu_variance)
 
 
 def _fidelity(req: pb.StreamDecodeRequest, model: ServedModel, text: bool) -> fidelity.Ask | None:
