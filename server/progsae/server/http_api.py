@@ -25,7 +25,11 @@
                                         `fvu_baseline` says what FVU divides by: "checkpoint" (a
                                         text: the checkpoint's reference variance per token,
                                         `fvu_reference_variance`) or "batch" (sent activations, or
-                                        a checkpoint that records none)
+                                        a checkpoint that records none); for a text, its
+                                        `token_groups` ([[first, end, text]]: byte-level tokens
+                                        that decode only together, e.g. one emoji) and
+                                        `token_bytes` (hex of each token that does not decode
+                                        alone, else "")
     GET  /api/stats                  this replica's counters
 Errors answer {"code": "INVALID_ARGUMENT", "message": "..."} with the matching HTTP status.
 
@@ -36,6 +40,7 @@ and responses (and a stream's events) into JSON. The host hands its servicer ove
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -50,7 +55,7 @@ from pydantic import ValidationError
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 
-from . import stream
+from . import stream, tokens
 from .call import HttpCall
 from .errors import ServiceError, internal, invalid
 from .http_host import servicer_of
@@ -230,7 +235,7 @@ async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: StreamBody) -> 
                           "tokens": list(text_out.tokens) if text_out else None,
                           "n_tokens": item.tokens, "axis": "k" if item.k_ladder else "g",
                           "k_ladder": list(item.k_ladder), **_text_info(text_out, item.tokens),
-                          **_fvu_baseline(item)}
+                          **_fvu_baseline(item), **await _token_display(text_out)}
                 if item.spliced is not None:
                     header["spliced"] = item.spliced
                 yield _sse("header", header)
@@ -255,6 +260,15 @@ def _text_info(ta: TextActivations | None, n: int) -> dict[str, Any]:
         return {"lm_ms": None, "text_tokens": None, "truncated": False}
     total = ta.text_tokens or n
     return {"lm_ms": round(ta.lm_ms, 2), "text_tokens": total, "truncated": total > n}
+
+
+async def _token_display(ta: TextActivations | None) -> dict[str, Any]:
+    """How the page draws a text's tokens (progsae.server.tokens): runs of byte-level tokens that decode
+    only together, and each such token's bytes; nothing to say (no tokenizer loaded) when every token
+    decodes alone."""
+    if ta is None or not any("\ufffd" in t for t in ta.tokens):
+        return {"token_groups": [], "token_bytes": []}
+    return await asyncio.to_thread(tokens.display, ta.language_model, list(ta.token_ids))
 
 
 def _fvu_baseline(h: stream.Header) -> dict[str, Any]:
