@@ -1,5 +1,6 @@
 // progsae dashboard: text -> tokens -> each token's features, refined rung by rung (POST /api/stream, SSE).
-// api.js talks to the server (token, errors), card.js shows feature cards and chip labels.
+// api.js talks to the server (token, errors), card.js shows feature cards and chip labels, tokens.js
+// how a text's tokens read.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -38,7 +39,6 @@ function el(tag, attrs, ...kids) {
 function hue(latent) { return (Math.imul(latent + 1, 2654435761) >>> 0) % 360; }
 function fmt(v, d = 3) { return v === null || v === undefined ? "–" : (+v).toFixed(d); }
 function pct(v) { return v >= 0.01 ? (100 * v).toFixed(2) + "%" : (100 * v).toPrecision(2) + "%"; }
-function showToken(t) { return t.replace(/\n/g, "⏎").replace(/ /g, "\u00a0") || "∅"; }
 
 // --- models and budget controls ---------------------------------------------------------------
 
@@ -83,21 +83,23 @@ function kLadderOf(id) { const m = modelOf(id); return m ? m.k_ladder : []; }
 
 function updateLadder() {
   // Max G slides over the union of the selected models' ladders; the top position means "no limit".
-  const gs = [...new Set(selectedModels().flatMap(ladderOf))].sort((a, b) => a - b);
-  const slider = $("max-g");
-  const atTop = +slider.value >= +slider.max;
-  slider.dataset.ladder = JSON.stringify(gs);
-  slider.max = Math.max(1, gs.length);
-  if (atTop || +slider.value > gs.length) slider.value = slider.max;
+  fitSlider($("max-g"), [...new Set(selectedModels().flatMap(ladderOf))].sort((a, b) => a - b));
   // k′ (the largest codes kept per token) only for models trained for it (ModelInfo.k_ladder)
   const ks = [...new Set(selectedModels().flatMap(kLadderOf))].sort((a, b) => a - b);
-  const kSlider = $("max-k");
   $("k-controls").hidden = !ks.length;
-  const kAtTop = +kSlider.value >= +kSlider.max;
-  kSlider.dataset.ladder = JSON.stringify(ks);
-  kSlider.max = Math.max(1, ks.length);
-  if (kAtTop || +kSlider.value > ks.length) kSlider.value = kSlider.max;
+  fitSlider($("max-k"), ks);
   showMaxG();
+}
+
+function fitSlider(slider, vs) {
+  // positions 1..n over a ladder of n; a slider at the top stays there. With one rung or none (an
+  // unknown model) there is nothing to choose: disabled, its thumb at the right, where "full" sits.
+  const atTop = +slider.value >= +slider.max;
+  slider.dataset.ladder = JSON.stringify(vs);
+  slider.disabled = vs.length <= 1;
+  slider.min = vs.length <= 1 ? 0 : 1;
+  slider.max = Math.max(1, vs.length);
+  if (atTop || slider.disabled || +slider.value > vs.length) slider.value = slider.max;
 }
 
 function sliderValue(id) {
@@ -166,144 +168,6 @@ function colorOf(modelId) {
   return PALETTE[Math.max(0, i) % PALETTE.length];
 }
 
-function streamPanel(modelId) {
-  const info = state.models.find((m) => m.model_id === modelId);
-  const color = colorOf(modelId);
-  const stat = (name, label) => el("div", { class: "stat" }, el("span", {}, label), el("b", { class: name }, "–"));
-  return el("div", { class: "panel stream", style: `--c:${color}`, dataset: { model: modelId, state: "starting", rungs: "0" } },
-    el("div", { class: "panel-head" },
-      el("h2", {}, el("span", { class: "swatch", style: `background:${color}` }), modelId),
-      el("span", { class: "badge" }, info ? `${info.architecture} · M=${info.d_sae} · k=${info.k}` : "unknown model")),
-    el("div", { class: "ladder" }),
-    el("div", { class: "stats" }, stat("rungcount", "rung"), stat("g", "G"), stat("k", "k′"), stat("l0", "mean L0"),
-      stat("fvu", "FVU"), stat("refining", "refining"), stat("ms", "elapsed ms"), stat("stop", "stopped")),
-    el("div", { class: "note trunc", hidden: "" }),
-    el("div", { class: "note timing muted small", hidden: "" }),
-    el("div", { class: "strip", hidden: "" }),
-    el("div", { class: "tokens" }, el("span", { class: "muted" }, "running the language model…")));
-}
-
-function renderHeader(panel, h) {
-  // the model's whole ladder (G, or k′ on a k′ climb), so a budget that stops early leaves the
-  // upper rungs visibly unreached
-  panel.dataset.axis = h.axis;
-  const [full, got] = h.axis === "k" ? [kLadderOf(panel.dataset.model), h.k_ladder] : [ladderOf(panel.dataset.model), h.ladder];
-  const ladder = full.length && (!got.length || full[full.length - 1] >= got[got.length - 1]) ? full : got;
-  panel.dataset.ladderSize = ladder.length;
-  panel.querySelector(".ladder").replaceChildren(...ladder.map((v) =>
-    el("span", { class: "rung", dataset: { v } }, h.axis === "k" ? `k′ ${v}` : v)));
-  panel._lm = h.lm_ms;
-  const trunc = panel.querySelector(".trunc");
-  trunc.hidden = !h.truncated;
-  trunc.textContent = h.truncated ? `The text was cut to its first ${h.n_tokens} of ${h.text_tokens} tokens (the server's limit).` : "";
-  const toks = (h.tokens || Array.from({ length: h.n_tokens }, (_, i) => `#${i}`));
-  panel._toks = toks;
-  panel._l0 = toks.map(() => 0);
-  panel._feats = toks.map(() => new Map());
-  panel.querySelector(".tokens").replaceChildren(...toks.map((t, i) =>
-    el("div", { class: "tok", dataset: { i } },
-      el("div", { class: "tok-text", title: JSON.stringify(t) }, showToken(t)),
-      el("div", { class: "l0bar" }, el("span")),
-      el("div", { class: "feats" }))));
-}
-
-function renderRung(panel, r, modelId) {
-  const n = +panel.dataset.rungs + 1;
-  panel.dataset.rungs = n;
-  panel.dataset.g = r.g;
-  const size = +panel.dataset.ladderSize || n;
-  panel.querySelector(".rungcount").textContent = `${n} / ${size}`;
-  panel.dataset.k = r.k || "";
-  panel.querySelector(".g").textContent = r.g;
-  panel.querySelector(".k").textContent = r.k || "all";
-  panel.querySelector(".l0").textContent = fmt(r.mean_l0, 2);
-  panel.querySelector(".fvu").textContent = fmt(r.fvu, 4);
-  panel.querySelector(".refining").textContent = r.refining === null ? "–" : `${r.refining} / ${panel._toks.length}`;
-  panel.querySelector(".ms").textContent = fmt(r.elapsed_ms, 1);
-  const at = panel.dataset.axis === "k" ? r.k : r.g;
-  panel.querySelectorAll(".ladder .rung").forEach((c) => {
-    if (+c.dataset.v <= at) c.classList.add("reached");
-  });
-  if (r.fvu !== null && panel.dataset.axis !== "k") (state.live[modelId] = state.live[modelId] || []).push({ x: r.g, y: r.fvu });
-  // with a per-token target a rung computes only the tokens still refining (r.tokens), one l0 row each
-  const rows = r.tokens.length ? r.tokens : panel._toks.map((_, i) => i);
-  rows.forEach((n, j) => { panel._l0[n] = r.l0[j] || 0; });
-  const computed = new Set(rows);
-  const maxL0 = Math.max(1, ...panel._l0);
-  panel.querySelectorAll(".tok").forEach((tokEl, i) => {
-    tokEl.classList.toggle("settled", !computed.has(i));
-    const feats = panel._feats[i];
-    const fresh = new Set();
-    for (const [lat, v] of r.features[i] || []) { feats.set(lat, v); fresh.add(lat); }
-    const top = [...feats.entries()].sort((a, b) => b[1] - a[1]);
-    tokEl.querySelector(".feats").replaceChildren(...top.slice(0, FEATS_SHOWN).map(([lat, v]) =>
-      el("button", {
-        class: "feat" + (fresh.has(lat) ? " new" : ""), dataset: { latent: lat },
-        style: `--h:${hue(lat)}`, title: `latent ${lat}: ${v.toFixed(3)} (first active at G=${r.g} or below)`,
-        onclick: () => openCard(modelId, lat),
-      }, el("span", { class: "idx" }, lat), el("span", { class: "lbl" }, labelOf(modelId, lat)),
-      el("span", { class: "val" }, v.toFixed(2)))));
-    tokEl.title = top.length ? top.map(([l, v]) => `${l}: ${v.toFixed(3)}`).join("\n") : "no active latent yet";
-    tokEl.querySelector(".l0bar span").style.width = `${(100 * panel._l0[i]) / maxL0}%`;
-  });
-}
-
-function renderStrip(panel, e) {
-  // per-token target: each token coloured by the G (or k′) it stopped at, from green (first rung) to red
-  if (!e.token_final_g.length) return;
-  const k = panel.dataset.axis === "k";
-  const finals = k ? e.token_final_k : e.token_final_g;
-  const steps = [...panel.querySelectorAll(".ladder .rung")].map((c) => +c.dataset.v);
-  const shade = (v) => `--t:${steps.length > 1 ? Math.max(0, steps.indexOf(v)) / (steps.length - 1) : 0}`;
-  const met = e.token_met.filter(Boolean).length;
-  const strip = panel.querySelector(".strip");
-  strip.hidden = false;
-  strip.replaceChildren(
-    el("div", { class: "strip-head muted small" },
-      `Each token's final ${k ? "k′" : "G"} under the per-token target (${met} / ${finals.length} met it):`,
-      ...steps.map((v) => el("span", { class: "key", style: shade(v) }, v))),
-    el("div", { class: "strip-text" }, ...panel._toks.map((t, i) => el("span", {
-      class: "stok" + (e.token_met[i] ? "" : " unmet"), style: shade(finals[i]),
-      dataset: { final: finals[i], met: e.token_met[i] ? "1" : "0" },
-      title: `${JSON.stringify(t)}: final ${k ? "k′" : "G"} ${finals[i]}${e.token_met[i] ? "" : " (target not met)"}`,
-    }, showToken(t)))));
-}
-
-function renderEnd(panel, e) {
-  panel.dataset.state = "done";
-  panel.dataset.stop = e.stop_reason;
-  const size = +panel.dataset.ladderSize || e.rungs;
-  const stop = panel.querySelector(".stop");
-  stop.textContent = STOP_TEXT[e.stop_reason] || e.stop_reason.replace(/_/g, " ");
-  stop.className = "stop " + (e.rungs >= size ? "full" : "early");
-  panel.querySelector(".ms").textContent = fmt(e.elapsed_ms, 1);
-  // the deadline counts the language model too: show its time and the SAE's apart
-  const timing = panel.querySelector(".timing");
-  if (panel._lm !== null && panel._lm !== undefined) {
-    timing.hidden = false;
-    timing.textContent = `language model ${fmt(panel._lm, 1)} ms · SAE ${fmt(Math.max(0, e.elapsed_ms - panel._lm), 1)} ms`;
-    if (e.stop_reason === "deadline" && !e.rungs) {
-      stop.textContent = `deadline shorter than the language model alone needs (${fmt(panel._lm, 0)} ms)`;
-    }
-  }
-  if (!e.rungs) panel.querySelector(".rungcount").textContent = `0 / ${size}`;
-  // a target the stream did not meet is said, never shown as a green finish
-  const budget = (panel._request || {}).budget || {};
-  const unmet = e.token_met.filter((m) => !m).length;
-  let missed = "";
-  if (budget.target_fvu !== undefined && e.stop_reason !== "target_fvu") {
-    missed = `target FVU ${budget.target_fvu} not met (FVU ${fmt(e.final_fvu, 4)})`;
-  } else if (unmet) {
-    missed = `${unmet} token${unmet > 1 ? "s" : ""} never met the per-token target`;
-  }
-  panel.dataset.missed = missed ? "1" : "0";
-  if (missed) {
-    stop.textContent = `${stop.textContent}: ${missed}`;
-    stop.className = "stop missed";
-  }
-  renderStrip(panel, e);
-}
-
 async function streamOne(modelId, panel, text, signal) {
   let resp;
   try {
@@ -334,8 +198,16 @@ async function streamOne(modelId, panel, text, signal) {
   await fillLabels(panel, modelId);
 }
 
+function clearResults() {
+  // a new run, or an error, leaves nothing of the previous run: panels and chart points
+  $("streams").replaceChildren();
+  state.live = {};
+  drawCurves();
+}
+
 async function run() {
   clearError();
+  clearResults();
   const text = $("text").value;
   if (!text.trim()) { showError("The text is empty: type a sentence to encode."); return; }
   const max = state.limits.max_text_chars;

@@ -18,7 +18,10 @@ async function fillLabels(panel, modelId) {
       return;  // no cards for this model: chips keep their indices
     }
   }
-  panel.querySelectorAll(".feat").forEach((b) => { b.querySelector(".lbl").textContent = labelOf(modelId, +b.dataset.latent); });
+  panel.querySelectorAll(".feat").forEach((b) => {
+    const lbl = b.querySelector(".lbl");
+    lbl.textContent = lbl.title = labelOf(modelId, +b.dataset.latent);  // the whole label, where the chip cuts it
+  });
   panel.dataset.labels = "1";
 }
 
