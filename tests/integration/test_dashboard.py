@@ -62,11 +62,11 @@ def get_json(app, path: str) -> tuple[int, dict]:
 def test_page_and_static(app):
     status, body, ctype = get(app, "/")
     assert status == 200 and ctype.startswith("text/html") and b'id="streams"' in body
-    for name, kind in (("app.js", "javascript"), ("api.js", "javascript"), ("card.js", "javascript"),
-                       ("chart.js", "javascript"), ("style.css", "css")):
+    scripts = ("app.js", "api.js", "card.js", "chart.js", "tokens.js", "panel.js")
+    for name, kind in (*((f, "javascript") for f in scripts), ("style.css", "css")):
         status, body, ctype = get(app, f"/static/{name}")
         assert status == 200 and kind in ctype and body
-    for name in ("/", *(f"/static/{f}" for f in ("app.js", "api.js", "card.js", "chart.js", "style.css"))):  # offline
+    for name in ("/", *(f"/static/{f}" for f in (*scripts, "style.css"))):  # offline
         assert not re.findall(rb"https?://(?!www\.w3\.org/2000/svg)", get(app, name)[1]), name
     assert get(app, "/static/secret.py")[0] == 404
     assert get(app, "/static/..%2Fdashboard.py")[0] == 404
