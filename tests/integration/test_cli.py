@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -22,6 +23,12 @@ def test_inspect_prints_the_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "architecture matryoshka" in out and "d_sae        32" in out
     assert "granularities 4, 8, 16, 32" in out and "mean_sq" in out and "layer 3" in out
+    assert "reference    none recorded" in out  # written before checkpoints recorded one
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["progsae"]["reference_variance"] = 12.5
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["inspect", str(path)]) == 0
+    assert "reference    variance 12.5 per token" in capsys.readouterr().out
 
 
 def test_inspect_of_a_broken_checkpoint_is_one_line(tmp_path, capsys):

@@ -48,6 +48,9 @@ def describe(path: str) -> str:
         f"normalisation scale c = {m.scale:.6g} (folded into weights)",
         f"model        {m.model or '-'}   layer {m.layer if m.layer is not None else '-'}   hook {m.hook or '-'}",
         f"trained on   {m.training_tokens:,} tokens",
+        "reference    " + (f"variance {m.reference_variance:.6g} per token (the FVU baseline of served texts)"
+                           if m.reference_variance is not None else
+                           "none recorded (a served text's FVU divides by its own variance)"),
     ]
     if ck.orderings_error:
         lines.append(f"ordering     unreadable: {ck.orderings_error}")
