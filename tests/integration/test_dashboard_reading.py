@@ -82,9 +82,14 @@ def test_fvu_says_what_it_divides_by(page, app):
 
 def test_emoji_read_as_emoji_and_a_blank_token_shows(page, app):
     """Item 6: two emoji are six byte-level tokens, each "\ufffd" alone: two cells under the emoji, each
-    token still with its own features, showing its bytes; a lone space shows a mark, not an empty box."""
-    open_page(page, app)
+    token still with its own features, showing its bytes; a lone space shows a mark, not an empty box.
+    Side by side: both panels' first emoji at once load the tokenizer once, without an error."""
+    open_page(page, app, "?side=1")
     page.fill("#token-target", "0.5")
+    encode(page, "\U0001F9EC\U0001F9EC a  b")
+    assert page.locator(".stream[data-state='done']").count() == 2
+    assert page.locator(".stream").nth(1).locator(".tok-group").count() == 2
+    page.uncheck("#side-by-side")
     encode(page, "\U0001F9EC\U0001F9EC a  b")
     groups = page.locator(".stream .tok-group")
     assert groups.count() == 2 and groups.locator(".group-text").all_inner_texts() == ["\U0001F9EC"] * 2

@@ -3,6 +3,9 @@ spell one character together are grouped under it, with their bytes, on SmolLM2'
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -74,3 +77,24 @@ def test_groups_decode_to_the_text_they_cover(text, cuts):
     for j in set(range(len(pieces))) - grouped:
         runs = [b"".join(pieces[j:k]) for k in range(j + 1, min(len(pieces), j + tokens.MAX_RUN) + 1)]
         assert tokens._text(runs[0]) is not None or all(tokens._text(r) is None for r in runs)
+
+
+def test_side_by_side_streams_load_the_tokenizer_once_without_error():
+    """Two streams' first emoji at once: in a fresh process, where transformers is not yet imported,
+    two threads loading the tokenizer together failed one with an ImportError (its lazy module)."""
+    code = """if True:
+        import threading
+        from progsae.server import tokens
+        errors = []
+        def show():
+            try:
+                tokens.display("smollm2-135m", [10813, 117, 122])
+            except Exception as e:
+                errors.append(repr(e))
+        threads = [threading.Thread(target=show) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(errors)
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

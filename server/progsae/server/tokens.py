@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from typing import Any
 
 MAX_RUN = 8
@@ -87,8 +88,18 @@ def groups(pieces: list[bytes]) -> list[tuple[int, int, str]]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
+_LOADING = threading.Lock()
+
+
 def _tokenizer(alias: str) -> Any:
+    # one load at a time: two side-by-side streams' first calls would import transformers from two
+    # threads at once, and its lazy module then fails one of them with an ImportError
+    with _LOADING:
+        return _load(alias)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(alias: str) -> Any:
     from progsae.lm.models import load_tokenizer
 
     return load_tokenizer(alias).tokenizer
