@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,24 +323,43 @@ def hidden_at_layer(model: nn.Module, input_ids: torch.Tensor, layer: int,
                     attention_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
     """hidden_states[layer] [B, T, d], running the model only up to there.
 
-    A pre-hook on decoder layer `layer` captures its input and stops the pass by raising.
     `model_kwargs` go to the model's forward (default use_cache=False); e.g. `cache=` and
     `use_cache=True` fill or read a KV cache of the layers below `layer`.
     """
-    layers = _check(model, layer)
+    return hidden_at_layers(model, input_ids, (layer,), attention_mask, **model_kwargs)[layer]
 
-    def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        raise _Stop(_layer_input(args, kwargs))
+
+@torch.no_grad()
+def hidden_at_layers(model: nn.Module, input_ids: torch.Tensor, layers: Iterable[int],
+                     attention_mask: torch.Tensor | None = None, **model_kwargs: Any) -> dict[int, torch.Tensor]:
+    """hidden_states[l] [B, T, d] for each l of `layers`, from one pass that runs the model only up to
+    the deepest of them: a pre-hook on each of those decoder layers captures its input, and the
+    deepest one's stops the pass by raising."""
+    wanted = sorted(set(layers))
+    if not wanted:
+        raise ValueError("no layer asked for")
+    decoder = _check(model, wanted[-1])
+    for layer in wanted:
+        _check(model, layer)
+    got: dict[int, torch.Tensor] = {}
+
+    def grab(layer: int):
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            got[layer] = _layer_input(args, kwargs)
+            if layer == wanted[-1]:
+                raise _Stop(got[layer])
+        return hook
 
     model_kwargs.setdefault("use_cache", False)
-    handle = layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [decoder[layer].register_forward_pre_hook(grab(layer), with_kwargs=True) for layer in wanted]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-    except _Stop as s:
-        return s.value
+    except _Stop:
+        return got
     finally:
-        handle.remove()
-    raise RuntimeError(f"decoder layer {layer} never ran")
+        for h in handles:
+            h.remove()
+    raise RuntimeError(f"decoder layer {wanted[-1]} never ran")
 
 
 class _Passthrough(nn.Module):

@@ -356,6 +356,26 @@ class EncodeTextResponse(_message.Message):
     text_tokens: int
     def __init__(self, model_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., codes: _Optional[_Union[SparseCodes, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., language_model: _Optional[str] = ..., layer: _Optional[int] = ..., text_tokens: _Optional[int] = ...) -> None: ...
 
+class EncodeTextsRequest(_message.Message):
+    __slots__ = ("model_ids", "texts", "max_tokens", "packed_codes")
+    MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CODES_FIELD_NUMBER: _ClassVar[int]
+    model_ids: _containers.RepeatedScalarFieldContainer[str]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    max_tokens: int
+    packed_codes: bool
+    def __init__(self, model_ids: _Optional[_Iterable[str]] = ..., texts: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., packed_codes: _Optional[bool] = ...) -> None: ...
+
+class EncodeTextsResponse(_message.Message):
+    __slots__ = ("results", "lm_ms")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    LM_MS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[EncodeTextResponse]
+    lm_ms: float
+    def __init__(self, results: _Optional[_Iterable[_Union[EncodeTextResponse, _Mapping]]] = ..., lm_ms: _Optional[float] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

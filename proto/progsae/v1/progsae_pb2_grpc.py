@@ -55,6 +55,11 @@ class ProgsaeStub:
                 request_serializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextRequest.SerializeToString,
                 response_deserializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextResponse.FromString,
                 _registered_method=True)
+        self.EncodeTexts = channel.unary_unary(
+                '/progsae.v1.Progsae/EncodeTexts',
+                request_serializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextsRequest.SerializeToString,
+                response_deserializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextsResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/progsae.v1.Progsae/ListModels',
                 request_serializer=progsae_dot_v1_dot_progsae__pb2.ListModelsRequest.SerializeToString,
@@ -105,6 +110,13 @@ class ProgsaeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeTexts(self, request, context):
+        """Texts -> one pass of the language model -> codes of each SAE (revision 6).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Served checkpoints.
         """
@@ -148,6 +160,11 @@ def add_ProgsaeServicer_to_server(servicer, server):
                     servicer.EncodeText,
                     request_deserializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextRequest.FromString,
                     response_serializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextResponse.SerializeToString,
+            ),
+            'EncodeTexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.EncodeTexts,
+                    request_deserializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextsRequest.FromString,
+                    response_serializer=progsae_dot_v1_dot_progsae__pb2.EncodeTextsResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -274,6 +291,33 @@ class Progsae:
             '/progsae.v1.Progsae/EncodeText',
             progsae_dot_v1_dot_progsae__pb2.EncodeTextRequest.SerializeToString,
             progsae_dot_v1_dot_progsae__pb2.EncodeTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeTexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/progsae.v1.Progsae/EncodeTexts',
+            progsae_dot_v1_dot_progsae__pb2.EncodeTextsRequest.SerializeToString,
+            progsae_dot_v1_dot_progsae__pb2.EncodeTextsResponse.FromString,
             options,
             channel_credentials,
             insecure,

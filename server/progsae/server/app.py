@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -55,10 +56,12 @@ class LanguageModel:
     def __init__(self) -> None:
         self.backend = textmod.TextBackend()
 
-    def run(self, alias: str | None, layer: int | None, text: str, max_tokens: int) -> TextActivations | ServiceError:
-        """The activations, or the error as a value (raised by the caller: Ray would wrap a raised one)."""
+    def run(self, alias: str, layers: Sequence[int], texts: Sequence[str],
+            max_tokens: int) -> list[dict[int, TextActivations]] | ServiceError:
+        """The texts' activations at the layers (one pass; TextBackend.run_many), or the error as a value
+        (raised by the caller: Ray would wrap a raised one)."""
         try:
-            return self.backend.run(alias, layer, text, max_tokens)
+            return self.backend.run_many(alias, layers, texts, max_tokens)
         except ServiceError as e:
             return e
         except Exception as e:  # noqa: BLE001  (one line back, the traceback in this replica's log)
@@ -187,10 +190,11 @@ class Codec:
             raise out
         return out
 
-    async def _run_text(self, alias: str, layer: int, text: str, n: int) -> TextActivations:
+    async def _run_text(self, alias: str, layers: Sequence[int], texts: Sequence[str],
+                        n: int) -> list[dict[int, TextActivations]]:
         assert self.lm is not None
         try:
-            r = await self.lm.run.remote(alias, layer, text, n)
+            r = await self.lm.run.remote(alias, layers, texts, n)
         except Exception as e:
             if is_lost_replica(e):  # its replica or node died under the call: transient, like our own
                 raise ServiceError(Status.UNAVAILABLE, LOST_REPLICA.format(type(e).__name__)) from e
@@ -228,6 +232,9 @@ class Codec:
 
     async def EncodeText(self, request: pb.EncodeTextRequest, grpc_context=None) -> pb.EncodeTextResponse:
         return await self.servicer.EncodeText(request, RayCall(grpc_context))
+
+    async def EncodeTexts(self, request: pb.EncodeTextsRequest, grpc_context=None) -> pb.EncodeTextsResponse:
+        return await self.servicer.EncodeTexts(request, RayCall(grpc_context))
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         return await self.servicer.ListModels(request, RayCall(grpc_context))

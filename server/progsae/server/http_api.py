@@ -5,6 +5,9 @@
     POST /api/encode                 {model_id, activations: [[...]], prefix_granularity?}
     POST /api/decode                 {model_id, codes: [{indices, values}], granularity}
     POST /api/encode_text            {model_id, text, max_tokens?, include_activations?}
+    POST /api/encode_texts           {model_ids: [...], texts: [...], max_tokens?, include_activations?}
+                                     -> {lm_ms, results: [one encode_text answer per (text, model),
+                                        text-major]}: the language model runs once (revision 6)
     GET  /api/stream?model_id&text&max_granularity&deadline_ms&target_fvu&token_target_fvu&max_k&top
                      &token_target_kl&kl&predictions
     POST /api/stream                 {model_id, text | activations, budget: {...}, ladder?, axis?,
@@ -59,7 +62,7 @@ from . import stream, tokens
 from .call import HttpCall
 from .errors import ServiceError, internal, invalid
 from .http_host import servicer_of
-from .http_models import Budget, DecodeBody, EncodeBody, EncodeTextBody, StreamBody, TokenCodes
+from .http_models import Budget, DecodeBody, EncodeBody, EncodeTextBody, EncodeTextsBody, StreamBody, TokenCodes
 from .servicer import ProgsaeServicer
 from .text import TextActivations
 
@@ -184,11 +187,22 @@ async def decode(request: Request, body: DecodeBody) -> Any:
 async def encode_text(request: Request, body: EncodeTextBody) -> Any:
     req = pb.EncodeTextRequest(model_id=body.model_id, text=body.text, max_tokens=body.max_tokens)
     resp = await servicer_of(request).EncodeText(req, HttpCall(request.headers))
+    return _text_json(resp, body.include_activations)
+
+
+@router.post("/api/encode_texts")
+async def encode_texts(request: Request, body: EncodeTextsBody) -> Any:
+    req = pb.EncodeTextsRequest(model_ids=body.model_ids, texts=body.texts, max_tokens=body.max_tokens)
+    resp = await servicer_of(request).EncodeTexts(req, HttpCall(request.headers))
+    return {"lm_ms": resp.lm_ms, "results": [_text_json(r, body.include_activations) for r in resp.results]}
+
+
+def _text_json(resp: pb.EncodeTextResponse, activations: bool) -> dict[str, Any]:
     out = {"model_id": resp.model_id, "language_model": resp.language_model, "layer": resp.layer,
            "token_ids": list(resp.token_ids), "tokens": list(resp.tokens), "text_tokens": resp.text_tokens,
            "truncated": resp.text_tokens > len(resp.token_ids),
            "codes": _codes_json(convert.codes_to_arrays(resp.codes))}
-    if body.include_activations:
+    if activations:
         out["activations"] = convert.to_numpy(resp.activations).tolist()
     return out
 

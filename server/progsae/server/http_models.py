@@ -69,3 +69,10 @@ class EncodeTextBody(Body):
     text: StrictStr
     max_tokens: int = Field(0, ge=0)
     include_activations: StrictBool = False
+
+
+class EncodeTextsBody(Body):
+    model_ids: list[StrictStr] = []
+    texts: list[StrictStr] = Field(min_length=1)
+    max_tokens: int = Field(0, ge=0)
+    include_activations: StrictBool = False

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -28,7 +28,7 @@ from progsae.v1 import progsae_pb2 as pb
 from . import auth, stream, validate
 from .admission import Admission, Shape, default_budget
 from .call import Call
-from .errors import ServiceError, Status, invalid
+from .errors import ServiceError, Status, exhausted, invalid
 from .health import HEALTH_NAME, SERVICE_NAME, Health
 from .registry import ModelRef, Registry, ServedModel
 from .service import CodecService
@@ -36,7 +36,8 @@ from .text import TextActivations, TextBackend
 
 T = TypeVar("T")
 Loader = Callable[[ModelRef], Awaitable[ServedModel]]
-TextRunner = Callable[[str, int, str, int], Awaitable[TextActivations]]
+TextRunner = Callable[[str, Sequence[int], Sequence[str], int], Awaitable[list[dict[int, TextActivations]]]]
+"""(language model, layers, texts, most tokens) -> each text's activations at each layer, from one pass."""
 _END = object()
 
 
@@ -133,9 +134,10 @@ class ProgsaeServicer:
         if not call.trusted:
             auth.check(call.authorization, self.token)
 
-    def resolve(self, field: str, call: Call) -> ModelRef:
-        """The call's model: its field and/or the multiplexed_model_id metadata, which must agree."""
-        meta = call.model_id
+    def resolve(self, field: str, call: Call, agree: bool = True) -> ModelRef:
+        """The call's model: its field and/or the multiplexed_model_id metadata, which must agree
+        (`agree`: a call naming several models checks the metadata itself)."""
+        meta = call.model_id if agree else ""
         spec = self.registry.resolve(field or meta)
         if field and meta and meta != field and self.registry.resolve(meta).id != spec.id:
             raise invalid(f"model_id {field!r} disagrees with metadata multiplexed_model_id={meta!r}")
@@ -143,10 +145,10 @@ class ProgsaeServicer:
         return spec
 
     async def model(self, field: str, call: Call, method: str = "", tokens: int = 0,
-                    encodes: bool = False) -> ServedModel:
+                    encodes: bool = False, agree: bool = True) -> ServedModel:
         """The call's model, loaded; a call of `tokens` tokens is priced first (admission) and refused
         when it would not fit the replica's memory."""
-        spec = self.resolve(field, call)
+        spec = self.resolve(field, call, agree)
         if self.forward is not None and not call.stay and self.forward.wants(spec, call):
             raise Elsewhere(spec)
         if tokens > 0:
@@ -307,6 +309,28 @@ class ProgsaeServicer:
 
         return await self.unary("EncodeText", request.model_id, call, body, pb.EncodeTextResponse(), request)
 
+    async def EncodeTexts(self, request: pb.EncodeTextsRequest, call: Call) -> pb.EncodeTextsResponse:
+        ids = list(request.model_ids) or [""]
+        field = ids[0] if len(ids) == 1 else ""
+
+        async def body():
+            if len(set(ids)) < len(ids):
+                raise invalid(f"model_ids name a model twice: {ids}")
+            if len(ids) > 1:
+                meta = call.model_id
+                if meta and meta not in ids:
+                    raise invalid(f"metadata multiplexed_model_id={meta!r} is none of model_ids {ids}")
+                call.stay = True  # several models: served where it landed, not sent on to one holder
+            n = self._text_tokens(request.max_tokens) * len(request.texts)
+            models = [await self.model(i, call, "EncodeTexts", n, True, agree=len(ids) == 1) for i in ids]
+            texts = await self.run_texts(models, list(request.texts), request.max_tokens)
+            results = await self.compute(lambda: [self.service.encode_text_response(
+                m, by_layer[int(m.meta.layer)], request.packed_codes)  # pyright: ignore[reportArgumentType]
+                for by_layer in texts for m in models])
+            return pb.EncodeTextsResponse(results=results, lm_ms=texts[0][int(models[0].meta.layer)].lm_ms)  # pyright: ignore[reportArgumentType]
+
+        return await self.unary("EncodeTexts", field, call, body, pb.EncodeTextsResponse(), request)
+
     async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
         async def body():
             infos = [self.service.model_info(self.registry.card(s)) for s in self.registry.variants()]
@@ -330,22 +354,39 @@ class ProgsaeServicer:
 
     async def run_text(self, model: ServedModel, text: str, max_tokens: int) -> TextActivations:
         """The checkpoint's language model over `text`, up to its layer (once per call)."""
+        (by_layer,) = await self.run_texts([model], [text], max_tokens)
+        return by_layer[int(model.meta.layer)]  # pyright: ignore[reportArgumentType]  (run_texts checked it)
+
+    async def run_texts(self, models: Sequence[ServedModel], texts: Sequence[str],
+                        max_tokens: int) -> list[dict[int, TextActivations]]:
+        """The models' one language model over `texts` in one pass, up to the deepest of their layers:
+        [text][layer]."""
         limits = self.service.limits
-        if not text.strip():
-            raise invalid("text is empty")
-        if len(text) > limits.max_text_chars:
-            raise ServiceError(Status.RESOURCE_EXHAUSTED,
-                               f"text of {len(text)} characters exceeds {limits.max_text_chars}")
+        if not texts:
+            raise invalid("no text")
+        if len(texts) > limits.max_texts:
+            raise exhausted(f"{len(texts)} texts exceed the limit of {limits.max_texts}")
+        for i, text in enumerate(texts):
+            which = "text" if len(texts) == 1 else f"text {i}"
+            if not text.strip():
+                raise invalid(f"{which} is empty")
+            if len(text) > limits.max_text_chars:
+                raise exhausted(f"{which} of {len(text)} characters exceeds {limits.max_text_chars}")
         if not self.text_enabled:
             raise ServiceError(Status.UNIMPLEMENTED, "this server runs no language model (text: false)")
-        if not model.meta.model or model.meta.layer is None:
-            raise ServiceError(Status.FAILED_PRECONDITION,
-                               f"model {model.id} names no language model and layer; text needs both")
-        n = self._text_tokens(max_tokens)
+        for model in models:
+            if not model.meta.model or model.meta.layer is None:
+                raise ServiceError(Status.FAILED_PRECONDITION,
+                                   f"model {model.id} names no language model and layer; text needs both")
+        lms = sorted({str(m.meta.model) for m in models})
+        if len(lms) > 1:
+            raise invalid(f"models of one text call must share their language model; these name {lms}")
+        layers = sorted({int(m.meta.layer) for m in models})  # pyright: ignore[reportArgumentType]
         self.service.stats.count("lm")
         t0 = time.perf_counter()
-        ta = await self._text(model.meta.model, int(model.meta.layer), text, n)
-        return dataclasses.replace(ta, lm_ms=1e3 * (time.perf_counter() - t0))
+        out = await self._text(lms[0], layers, list(texts), self._text_tokens(max_tokens))
+        ms = 1e3 * (time.perf_counter() - t0)
+        return [{layer: dataclasses.replace(ta, lm_ms=ms) for layer, ta in by_layer.items()} for by_layer in out]
 
     def StreamEvents(self, request: pb.StreamDecodeRequest, call: Call, *, top: int = 8, text: str | None = None,
                      max_tokens: int = 0) -> AsyncGenerator[TextActivations | stream.Event, None]:
@@ -418,7 +459,7 @@ def _is_end(item: Any) -> bool:
 
 
 def _local_text(backend: TextBackend) -> TextRunner:
-    async def run(alias: str, layer: int, text: str, n: int) -> TextActivations:
-        return await asyncio.to_thread(backend.run, alias, layer, text, n)
+    async def run(alias: str, layers: Sequence[int], texts: Sequence[str], n: int) -> list[dict[int, TextActivations]]:
+        return await asyncio.to_thread(backend.run_many, alias, layers, texts, n)
 
     return run

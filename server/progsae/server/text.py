@@ -11,7 +11,7 @@ same model, under the same lock (`holding`): in Ray, in the codec replica that s
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -95,11 +95,21 @@ class TextBackend:
             yield self.lm(alias)
 
     def run(self, alias: str | None, layer: int | None, text: str, max_tokens: int) -> TextActivations:
-        if not alias or layer is None:
+        (by_layer,) = self.run_many(alias, (layer,), (text,), max_tokens)
+        return next(iter(by_layer.values()))
+
+    def run_many(self, alias: str | None, layers: Sequence[int | None], texts: Sequence[str],
+                 max_tokens: int) -> list[dict[int, TextActivations]]:
+        """Each text's activations at each of `layers`, from one pass of the LM over the texts (one
+        padded batch) that stops at the deepest layer: [text][layer]."""
+        if not alias or any(layer is None for layer in layers):
             raise ServiceError(Status.FAILED_PRECONDITION,
-                               "this checkpoint names no language model and layer; EncodeText needs both")
-        if not text.strip():
-            raise invalid("text is empty")
+                               "this checkpoint names no language model and layer; text needs both")
+        if not texts:
+            raise invalid("no text")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise invalid("text is empty" if len(texts) == 1 else f"text {i} is empty")
         import torch
 
         models = _models()
@@ -108,16 +118,24 @@ class TextBackend:
         except ValueError as e:
             raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r} unavailable: {e}") from None
         lm = self.lm(alias)
-        all_ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = all_ids[: max(1, max_tokens)]
-        if not ids:
+        all_ids = [lm.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        ids = [a[: max(1, max_tokens)] for a in all_ids]
+        if not all(ids):
             raise invalid("text has no tokens")
-        input_ids = torch.tensor([[lm.start_token_id, *ids]])
+        # Right-padded: a causal LM's positions never attend to later ones, so each text's own positions
+        # are what it alone would give, and no attention mask is needed (one text: no padding at all).
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[lm.start_token_id, *i, *[lm.start_token_id] * (width - len(i))] for i in ids])
+        wanted = sorted({int(layer) for layer in layers if layer is not None})
         with self._lock, torch.inference_mode():
             try:
-                hidden = models.hidden_at_layer(lm.model, input_ids, int(layer))
+                hidden = models.hidden_at_layers(lm.model, input_ids, wanted)
             except ValueError as e:
                 raise ServiceError(Status.FAILED_PRECONDITION, f"language model {alias!r}: {e}") from None
-        acts = hidden[0, 1:].float().numpy()
-        tokens = [lm.tokenizer.decode([i]) for i in ids]
-        return TextActivations(list(map(int, ids)), tokens, acts, lm.alias, int(layer), len(all_ids))
+        out = []
+        for row, (kept, whole) in enumerate(zip(ids, all_ids, strict=True)):
+            tokens = [lm.tokenizer.decode([t]) for t in kept]
+            acts = {layer: hidden[layer][row, 1:1 + len(kept)].float().numpy() for layer in wanted}
+            out.append({layer: TextActivations(list(map(int, kept)), tokens, acts[layer], lm.alias, layer, len(whole))
+                        for layer in wanted})
+        return out

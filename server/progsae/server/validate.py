@@ -39,6 +39,8 @@ class Limits:
     """Longest EncodeText input, in characters."""
     max_text_tokens: int = 512
     """Most tokens EncodeText runs through the language model."""
+    max_texts: int = 64
+    """Most texts in one EncodeTexts (one padded batch of the language model)."""
 
 
 _OUT_DTYPES = (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT64)

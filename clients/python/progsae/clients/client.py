@@ -316,6 +316,15 @@ class Client:
         req = pb.EncodeTextRequest(model_id=model, text=text, max_tokens=max_tokens, packed_codes=True)
         return t.text_encoded(self._call("EncodeText", req, model))
 
+    def encode_texts(self, texts: Sequence[str], models: Sequence[str] = (), max_tokens: int = 0,
+                     timeout: float | None = None) -> t.TextsEncoded:
+        """Several texts through several SAEs (all on one language model), the language model run once
+        (revision 6): `.results[text][model]`."""
+        req = pb.EncodeTextsRequest(model_ids=list(models), texts=list(texts), max_tokens=max_tokens,
+                                    packed_codes=True)
+        return t.texts_encoded(self._call("EncodeTexts", req, models[0] if len(models) == 1 else "", timeout),
+                               len(texts))
+
     def stats(self) -> pb.ServerStats:
         return self._call("GetServerStats", pb.ServerStatsRequest())
 

@@ -155,6 +155,15 @@ class TextEncoded:
 
 
 @dataclass(frozen=True)
+class TextsEncoded:
+    """EncodeTexts' answer: `results[t][m]` is text t through model m (revision 6)."""
+
+    results: list[list[TextEncoded]]
+    lm_ms: float
+    """Time the language model took for the whole batch (one pass), ms."""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model_id: str
     architecture: str
@@ -299,6 +308,12 @@ def accumulate(result: StreamResult, rung: Rung) -> None:
         result.reconstruction[rung.tokens] += rung.tensor
     else:
         result.reconstruction[rung.tokens] = rung.tensor
+
+
+def texts_encoded(resp: pb.EncodeTextsResponse, texts: int) -> TextsEncoded:
+    flat = [text_encoded(r) for r in resp.results]
+    per = len(flat) // max(1, texts)
+    return TextsEncoded([flat[i * per:(i + 1) * per] for i in range(texts)], resp.lm_ms)
 
 
 def text_encoded(resp: pb.EncodeTextResponse) -> TextEncoded:
