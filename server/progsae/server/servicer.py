@@ -26,10 +26,12 @@ from grpc_reflection.v1alpha import reflection
 from progsae.v1 import progsae_pb2 as pb
 
 from . import auth, stream, validate
+from . import text as textmod
 from .admission import Admission, Shape, default_budget
 from .call import Call
-from .errors import ServiceError, Status, exhausted, invalid
+from .errors import ServiceError, Status, invalid
 from .health import HEALTH_NAME, SERVICE_NAME, Health
+from .off_loop import OffLoop
 from .registry import ModelRef, Registry, ServedModel
 from .service import CodecService
 from .text import TextActivations, TextBackend
@@ -38,7 +40,6 @@ T = TypeVar("T")
 Loader = Callable[[ModelRef], Awaitable[ServedModel]]
 TextRunner = Callable[[str, Sequence[int], Sequence[str], int], Awaitable[list[dict[int, TextActivations]]]]
 """(language model, layers, texts, most tokens) -> each text's activations at each layer, from one pass."""
-_END = object()
 
 
 class Forwarder(Protocol):
@@ -63,31 +64,6 @@ class NotRouted(Exception):
 
 class StreamRejected(Exception):
     """A stream failed on a context that cannot abort (Ray's; status already set there); raising ends it."""
-
-
-class OffLoop:
-    """A sync generator advanced one item at a time on an executor; close() is safe at any moment
-    (while an item is being computed, the generator is closed as soon as that item is done)."""
-
-    def __init__(self, gen: Generator[T, None, Any], submit: Callable[..., Future]):
-        self.gen, self.submit = gen, submit
-        self._pending: Future | None = None
-
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        while True:
-            self._pending = self.submit(next, self.gen, _END)
-            item = await asyncio.wrap_future(self._pending)
-            self._pending = None
-            if item is _END:
-                return
-            yield item
-
-    def close(self) -> None:
-        pending = self._pending
-        if pending is not None and not pending.done():
-            pending.add_done_callback(lambda _: self.gen.close())
-        else:
-            self.gen.close()
 
 
 class ProgsaeServicer:
@@ -361,30 +337,13 @@ class ProgsaeServicer:
                         max_tokens: int) -> list[dict[int, TextActivations]]:
         """The models' one language model over `texts` in one pass, up to the deepest of their layers:
         [text][layer]."""
-        limits = self.service.limits
-        if not texts:
-            raise invalid("no text")
-        if len(texts) > limits.max_texts:
-            raise exhausted(f"{len(texts)} texts exceed the limit of {limits.max_texts}")
-        for i, text in enumerate(texts):
-            which = "text" if len(texts) == 1 else f"text {i}"
-            if not text.strip():
-                raise invalid(f"{which} is empty")
-            if len(text) > limits.max_text_chars:
-                raise exhausted(f"{which} of {len(text)} characters exceeds {limits.max_text_chars}")
+        validate.texts(texts, self.service.limits)
         if not self.text_enabled:
             raise ServiceError(Status.UNIMPLEMENTED, "this server runs no language model (text: false)")
-        for model in models:
-            if not model.meta.model or model.meta.layer is None:
-                raise ServiceError(Status.FAILED_PRECONDITION,
-                                   f"model {model.id} names no language model and layer; text needs both")
-        lms = sorted({str(m.meta.model) for m in models})
-        if len(lms) > 1:
-            raise invalid(f"models of one text call must share their language model; these name {lms}")
-        layers = sorted({int(m.meta.layer) for m in models})  # pyright: ignore[reportArgumentType]
+        lm, layers = textmod.language_model_of(models)
         self.service.stats.count("lm")
         t0 = time.perf_counter()
-        out = await self._text(lms[0], layers, list(texts), self._text_tokens(max_tokens))
+        out = await self._text(lm, layers, list(texts), self._text_tokens(max_tokens))
         ms = 1e3 * (time.perf_counter() - t0)
         return [{layer: dataclasses.replace(ta, lm_ms=ms) for layer, ta in by_layer.items()} for by_layer in out]
 

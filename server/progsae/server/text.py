@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ServiceError, Status, invalid
-from .registry import ModelCard
+from .registry import ModelCard, ServedModel
 
 if TYPE_CHECKING:
     from progsae.lm.models import LoadedModel
@@ -58,6 +58,19 @@ def available(card: ModelCard) -> bool:
     except (ServiceError, ValueError, OSError):
         return False
     return True
+
+
+def language_model_of(models: Sequence[ServedModel]) -> tuple[str, list[int]]:
+    """The one language model of `models` and their layers, ascending (FAILED_PRECONDITION for a model
+    that names none, INVALID_ARGUMENT for models of different language models)."""
+    for m in models:
+        if not m.meta.model or m.meta.layer is None:
+            raise ServiceError(Status.FAILED_PRECONDITION,
+                               f"model {m.id} names no language model and layer; text needs both")
+    lms = sorted({str(m.meta.model) for m in models})
+    if len(lms) > 1:
+        raise invalid(f"models of one text call must share their language model; these name {lms}")
+    return lms[0], sorted({int(m.meta.layer) for m in models})  # pyright: ignore[reportArgumentType]
 
 
 _LOCK = threading.RLock()

@@ -7,6 +7,7 @@ everything else about the input INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,20 @@ class Limits:
 
 
 _OUT_DTYPES = (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT64)
+
+
+def texts(texts: Sequence[str], limits: Limits) -> None:
+    """Texts for the language model: 1..max_texts of them, none empty or over max_text_chars."""
+    if not texts:
+        raise invalid("no text")
+    if len(texts) > limits.max_texts:
+        raise exhausted(f"{len(texts)} texts exceed the limit of {limits.max_texts}")
+    for i, text in enumerate(texts):
+        which = "text" if len(texts) == 1 else f"text {i}"
+        if not text.strip():
+            raise invalid(f"{which} is empty")
+        if len(text) > limits.max_text_chars:
+            raise exhausted(f"{which} of {len(text)} characters exceeds {limits.max_text_chars}")
 
 
 def activations(msg: pb.Tensor, model: ServedModel, limits: Limits, field: str = "activations") -> torch.Tensor:
