@@ -41,6 +41,7 @@ def app(tmp_path_factory):
     testing.make_checkpoint(root / "wide", d=128, m=32768, k=16, orderings=False, seed=4)  # a slow encode
     # a checkpoint on the real packaged LM's residual stream (random dictionary): EncodeText end to end
     testing.make_checkpoint(root / "lm", d=576, m=1024, k=16, orderings=False, model="smollm2-135m", layer=3)
+    testing.make_checkpoint(root / "lm9", d=576, m=512, k=16, orderings=False, model="smollm2-135m", layer=9, seed=5)
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     cluster = launch.LocalCluster(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0,
@@ -348,3 +349,16 @@ def test_autoscaling_up_under_load_and_down_after(app, path):
         time.sleep(0.5)
     assert _codec_replicas() == 1, "did not scale back down"
     print(f"{path}: scaled down {time.time() - t_start:.1f}s after the load started")
+
+
+@pytest.mark.parametrize("path", ["grpc", "direct"], ids=["proxy", "replica port"])
+def test_encode_texts_one_pass_through_ray(app, path):
+    """EncodeTexts on Ray: the LanguageModel deployment runs the texts once for SAEs at two layers."""
+    texts = ["The quick brown fox jumps over the lazy dog.", "Paris is in France."]
+    with Client(app[path], timeout=60) as c:
+        out = c.encode_texts(texts, models=["lm", "lm9"])
+        assert [[r.layer for r in row] for row in out.results] == [[3, 9], [3, 9]]
+        for text, row in zip(texts, out.results, strict=True):
+            alone = c.encode_text(text, model="lm9")
+            assert row[1].tokens == alone.tokens
+            np.testing.assert_allclose(row[1].activations, alone.activations, rtol=1e-4, atol=2e-3)
