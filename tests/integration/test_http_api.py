@@ -22,6 +22,7 @@ from progsae.server.servicer import ProgsaeServicer
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 from tests.support import synthetic as testing
+from tests.support.sse import sse
 
 TEXT = "The Eiffel Tower is in Paris, and the Louvre is close by."
 
@@ -39,14 +40,6 @@ def serve(root: Path, token: str = "") -> tuple[TestClient, ProgsaeServicer]:
     registry = Registry(RegistryConfig(root=str(root)))
     servicer = ProgsaeServicer(registry, CodecService(), token=token)
     return TestClient(http_host.host(servicer, http_api.build_api())), servicer  # its own app, not Serve's
-
-
-def sse(body: str) -> list[tuple[str, dict]]:
-    out = []
-    for block in body.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.split("\n"))
-        out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 def test_a_text_stream_is_one_pass(root):

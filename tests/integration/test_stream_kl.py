@@ -5,7 +5,6 @@ clients and CLI over a plain grpc.aio server, and the HTTP/SSE API."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
 from tests.support import synthetic as testing
 from tests.support.lm_checkpoint import LM, make_lm_checkpoint
+from tests.support.sse import sse
 
 TEXT = "The old man walked slowly to the market to buy some fresh fish for dinner."
 LAYER = 3
@@ -258,14 +258,6 @@ def test_cli_stream_text_with_kl(server, capsys):
 
 
 # --- HTTP / server-sent events -----------------------------------------------------------------
-
-
-def sse(body: str) -> list[tuple[str, dict]]:
-    out = []
-    for block in body.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.split("\n"))
-        out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 def test_http_stream_with_kl(root, text):

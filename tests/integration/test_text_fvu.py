@@ -18,8 +18,9 @@ from progsae.server.service import CodecService
 from progsae.server.text import TextBackend
 from progsae.v1 import convert
 from progsae.v1 import progsae_pb2 as pb
-from tests.integration.test_http_api import serve, sse
+from tests.integration.test_http_api import serve
 from tests.support import synthetic as testing
+from tests.support.sse import sse
 
 REFERENCE = 40.0
 """A per-token variance the `ref` checkpoint records (SmolLM2 layer 3 is of this order)."""
