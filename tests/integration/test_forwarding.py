@@ -56,7 +56,8 @@ def server(tmp_path_factory):
 @pytest.mark.parametrize("method", ["encode", "stream"])
 def test_an_unplaced_forward_is_served_here(server, method):
     handle = NeverPlaced()
-    server.servicer.forward = HandleForwarder(lambda: handle, server.registry.loaded, wait_s=0.3)
+    server.servicer.forward = HandleForwarder(lambda: handle, server.registry.loaded, need=lambda spec: 1,
+                                              budget=0, wait_s=0.3)  # budget 0: every unheld model is sent on
     x = testing.sample_activations(8, d=D, m=M).numpy()
     with Client(server.address, timeout=10, retries=0) as c:
         before = c.stats().work

@@ -87,8 +87,8 @@ class Codec:
             Stats(RayServeSink()), text_available=self._text_available)
         self.lm = lm if c.text else None
         self.model_budget = c.model_memory_bytes or admission.available_bytes() // 4
-        forward = (placement.HandleForwarder(self._self_handle, self.loaded, c.forward_wait_s)
-                   if c.forward_direct_calls else None)
+        forward = (placement.HandleForwarder(self._self_handle, self.loaded, self._weight_bytes, self.model_budget,
+                                             c.forward_wait_s) if c.forward_direct_calls else None)
         self.servicer = ProgsaeServicer(self.registry, self.service,
                                         token=auth.resolve_token(c.auth_token, c.auth_token_env), forward=forward,
                                         # Ray leaves serve.multiplexed's result unannotated (pyright misreads it)
@@ -135,10 +135,13 @@ class Codec:
         """Make room in the byte budget, then load off the event loop (reading and hashing a large
         checkpoint takes seconds). Serve keys its LRU by id; the id resolves from the registry's cache."""
         spec = self.registry.resolve(model_id)
-        m = self.registry.card(spec).meta
-        await placement.make_room(getattr(self, "__serve_multiplex_wrapper"), admission.weight_bytes(m.d_in, m.d_sae),
+        await placement.make_room(getattr(self, "__serve_multiplex_wrapper"), self._weight_bytes(spec),
                                   self.model_budget, spec.id)
         return await asyncio.to_thread(self.registry.load, spec)
+
+    def _weight_bytes(self, spec) -> int:
+        m = self.registry.card(spec).meta
+        return admission.weight_bytes(m.d_in, m.d_sae)
 
     def _self_handle(self) -> DeploymentHandle:
         """This deployment's handle (made on first use, inside the replica)."""

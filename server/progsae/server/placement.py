@@ -8,10 +8,13 @@ the replica does not hold sent on to one that does, by Serve's own multiplexed r
   budget is refused (RESOURCE_EXHAUSTED) instead of evicting everything.
 * **Calls go where the model is.** A client of the replicas' own port reaches whichever replica the
   kernel or its round robin picked, so without placement every replica would load every model it is
-  asked for. Such a call for a model this replica does not hold is sent on through a DeploymentHandle
-  with `multiplexed_model_id`: Serve's router sends it to a replica that holds the model (or, when
-  none does, to the least loaded one, which loads it). The forwarding replica authorised the call;
-  the target serves it as a `ForwardedCall`. Calls through Serve's proxy are routed so already.
+  asked for. Such a call for a model this replica does not hold, and could load only by unloading
+  another (its byte budget is full), is sent on through a DeploymentHandle with `multiplexed_model_id`:
+  Serve's router sends it to a replica that holds the model (or, when none does, to the least loaded
+  one, which loads it). The forwarding replica authorised the call; the target serves it as a
+  `ForwardedCall`. Calls through Serve's proxy are routed so already. While a model fits beside the
+  ones held, it is loaded where the call landed: a hot model is copied onto the replicas a scale-up
+  adds, and they share its load (sent on, every call would go to its one holder).
 """
 
 from __future__ import annotations
@@ -68,11 +71,17 @@ class HandleForwarder:
     The call's deadline bounds the rest (grpc.aio cancels the call there, and the forwarded one with it)."""
 
     def __init__(self, handle: Callable[[], Any], held: Callable[[], Mapping[str, ServedModel]],
-                 wait_s: float = 2.0):
-        self._handle, self._held, self.wait_s = handle, held, wait_s
+                 need: Callable[[ModelRef], int], budget: int, wait_s: float = 2.0):
+        self._handle, self._held, self._need, self.budget, self.wait_s = handle, held, need, budget, wait_s
 
     def wants(self, spec: ModelRef, call: Call) -> bool:
-        return call.transport == "direct" and spec.id not in self._held()
+        """A direct-port call for a model this replica does not hold, and could hold only by unloading
+        another: while the model fits beside the ones held, it is loaded here instead, so that a hot
+        model is copied onto the replicas a scale-up adds and they share its load."""
+        if call.transport != "direct":
+            return False
+        held = self._held()
+        return spec.id not in held and sum(m.nbytes for m in held.values()) + self._need(spec) > self.budget
 
     async def unary(self, method: str, request: Any, spec: ModelRef, call: Call) -> Any:
         response = self._handle().options(multiplexed_model_id=spec.id).forwarded.remote(
