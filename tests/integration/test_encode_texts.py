@@ -16,6 +16,7 @@ from progsae.server.registry import RegistryConfig
 from progsae.server.service import ServiceConfig
 from progsae.server.validate import Limits
 from tests.support import synthetic as testing
+from tests.support.sse import sse
 
 TEXTS = ["The Eiffel Tower is in Paris.", "hi", "Rivers carry water from the mountains down to the sea."]
 
@@ -86,3 +87,22 @@ def test_http_route(server):
     assert body["results"][2]["tokens"] == ["hi"] and "activations" not in body["results"][0]
     bad = http.post("/api/encode_texts", json={"model_ids": ["early"], "texts": "not a list"})
     assert bad.status_code == 400 or bad.status_code == 422
+
+
+def test_one_text_streamed_through_two_saes_from_one_pass(server):
+    """The dashboard's side by side: one /api/stream with also_models runs the language model once, and
+    each model's events (tagged `stream`) are what its own stream of the text gives."""
+    http = TestClient(http_host.host(server.servicer, http_api.build_api()))
+    text, stats = TEXTS[2], server.servicer.service.stats
+    lm = stats.work["lm"]
+    both = sse(http.post("/api/stream", json={"model_id": "early", "also_models": ["late"], "text": text}).text)
+    assert stats.work["lm"] == lm + 1
+    for i, model in enumerate(["early", "late"]):
+        alone = sse(http.post("/api/stream", json={"model_id": model, "text": text}).text)
+        mine = [(e, {k: v for k, v in d.items() if k not in ("stream", "elapsed_ms", "lm_ms")})
+                for e, d in both if d["stream"] == i]
+        assert [e for e, _ in mine] == [e for e, _ in alone] and mine[0][1]["model_id"] == f"{model}@none"
+        fvus = [d["fvu"] for e, d in alone if e == "rung"]
+        assert fvus and [d["fvu"] for e, d in mine if e == "rung"] == pytest.approx(fvus, rel=1e-4)
+    bad = sse(http.post("/api/stream", json={"model_id": "early", "also_models": ["other_lm"], "text": text}).text)
+    assert bad[0][0] == "error" and "share their language model" in bad[0][1]["message"]

@@ -10,6 +10,9 @@
                                         text-major]}: the language model runs once (revision 6)
     GET  /api/stream?model_id&text&max_granularity&deadline_ms&target_fvu&token_target_fvu&max_k&top
                      &token_target_kl&kl&predictions
+    GET/POST /api/stream with also_models (a list; GET: comma-separated) and a text: the same text through
+                                     more models of the same language model, from one pass of it; each
+                                     event carries `stream` (0 = model_id, i = also_models[i - 1])
     POST /api/stream                 {model_id, text | activations, budget: {...}, ladder?, axis?,
                                       k_ladder?, top?, kl?, predictions?}; budget: max_granularity,
                                       deadline_ms, target_fvu, token_target_fvu, max_k,
@@ -63,7 +66,7 @@ from .call import HttpCall
 from .errors import ServiceError, internal, invalid
 from .http_host import servicer_of
 from .http_models import Budget, DecodeBody, EncodeBody, EncodeTextBody, EncodeTextsBody, StreamBody, TokenCodes
-from .servicer import ProgsaeServicer
+from .servicer import ProgsaeServicer, Tagged
 from .text import TextActivations
 
 router = APIRouter()
@@ -239,26 +242,35 @@ async def _stream_events(sv: ProgsaeServicer, c: HttpCall, body: StreamBody) -> 
             if body.activations is None:
                 raise invalid("stream needs `text` or `activations`")
             req.activations.CopyFrom(_tensor(body.activations, "activations"))
-        items = sv.StreamEvents(req, c, top=body.top, text=text, max_tokens=body.max_tokens)
-        text_out: TextActivations | None = None
-        async for item in items:
+        also = []
+        for model_id in body.also_models:
+            r = pb.StreamDecodeRequest()
+            r.CopyFrom(req)
+            r.model_id = model_id
+            also.append(r)
+        items = sv.StreamEvents(req, c, top=body.top, text=text, max_tokens=body.max_tokens, also=also)
+        text_out: dict[int, TextActivations] = {}
+        async for tagged in items:
+            i, item = (tagged.stream, tagged.item) if isinstance(tagged, Tagged) else (0, tagged)
+            tag = {"stream": i} if also else {}
             if isinstance(item, TextActivations):
-                text_out = item
+                text_out[i] = item
             elif isinstance(item, stream.Header):
+                ta = text_out.get(i)
                 header = {"model_id": item.model_id, "ladder": list(item.ladder),
-                          "tokens": list(text_out.tokens) if text_out else None,
+                          "tokens": list(ta.tokens) if ta else None,
                           "n_tokens": item.tokens, "axis": "k" if item.k_ladder else "g",
-                          "k_ladder": list(item.k_ladder), **_text_info(text_out, item.tokens),
-                          **_fvu_baseline(item), **await _token_display(text_out)}
+                          "k_ladder": list(item.k_ladder), **_text_info(ta, item.tokens),
+                          **_fvu_baseline(item), **await _token_display(ta), **tag}
                 if item.spliced is not None:
                     header["spliced"] = item.spliced
                 yield _sse("header", header)
             else:
                 if isinstance(item, stream.RungEvent):
-                    yield _sse("rung", _rung_json(item))
+                    yield _sse("rung", {**_rung_json(item), **tag})
                 end = item.end if isinstance(item, stream.RungEvent) else item
                 if end is not None:
-                    yield _sse("end", _end_json(end))
+                    yield _sse("end", {**_end_json(end), **tag})
     except Exception as e:  # noqa: BLE001  (an error event, never a traceback)
         err = e if isinstance(e, ServiceError) else internal(e)
         yield _sse("error", {"code": err.status.value, "message": err.message})
@@ -328,6 +340,8 @@ async def stream_get(request: Request) -> StreamingResponse:
     q = request.query_params
     budget = {k: q[k] for k in Budget.model_fields if q.get(k)}
     fields: dict[str, Any] = {k: q[k] for k in ("model_id", "text", "top", "max_tokens", "predictions") if q.get(k)}
+    if q.get("also_models"):
+        fields["also_models"] = q["also_models"].split(",")
     if q.get("kl"):  # a query string's bool: anything else is refused by the body's model, naming `kl`
         word = q["kl"].lower()
         fields["kl"] = True if word in ("1", "true") else False if word in ("0", "false") else q["kl"]

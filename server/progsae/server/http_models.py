@@ -32,6 +32,9 @@ class StreamBody(Body):
     """POST /api/stream (and GET's query): a text or activations, a budget, ladders, an axis."""
 
     model_id: StrictStr = ""
+    also_models: list[StrictStr] = Field(default_factory=list, max_length=7)
+    """Text streams: more models of the same language model, streamed after model_id's from the same
+    one pass of it; every event then carries `stream` (0 = model_id, i = also_models[i - 1])."""
     text: StrictStr | None = None
     activations: list[list[float]] | None = None
     budget: Budget = Field(default_factory=Budget)

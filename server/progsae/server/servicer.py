@@ -19,7 +19,7 @@ import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from grpc_reflection.v1alpha import reflection
 
@@ -56,6 +56,14 @@ class Elsewhere(Exception):
 
     def __init__(self, spec: ModelRef):
         self.spec = spec
+
+
+class Tagged(NamedTuple):
+    """An item of one of the several streams of one StreamEvents call."""
+
+    stream: int
+    """Which: 0 for the call's request, i for its also[i - 1]."""
+    item: TextActivations | stream.Event
 
 
 class NotRouted(Exception):
@@ -348,33 +356,57 @@ class ProgsaeServicer:
         return [{layer: dataclasses.replace(ta, lm_ms=ms) for layer, ta in by_layer.items()} for by_layer in out]
 
     def StreamEvents(self, request: pb.StreamDecodeRequest, call: Call, *, top: int = 8, text: str | None = None,
-                     max_tokens: int = 0) -> AsyncGenerator[TextActivations | stream.Event, None]:
+                     max_tokens: int = 0, also: Sequence[pb.StreamDecodeRequest] = ()
+                     ) -> AsyncGenerator[TextActivations | stream.Event | Tagged, None]:
         """A stream as typed events (the HTTP API's and the dashboard's), whose rungs carry their new
         latents (at most `top` per token). With `text`, the request's input is the text's activations:
         the model is resolved once, the language model runs once (its output, with the tokens, is
         the first item), the activations are encoded once, and the call is counted once. The deadline
         counts from the call's start, the language model included: when nothing is left for a rung,
-        the stream ends with none."""
+        the stream ends with none. With `also` (more streams of the same text through other models of
+        the same language model), the language model still runs once, and every item comes Tagged with
+        its stream's index (0 = `request`), one stream after the other."""
         async def body(expired: Callable[[], bool], t0: float):
+            if also:
+                reqs = [request, *also]
+                if text is None:
+                    raise invalid("several models in one stream need a text")
+                if len({r.model_id for r in reqs}) < len(reqs):
+                    raise invalid(f"a model is named twice: {[r.model_id for r in reqs]}")
+                call.stay = True  # several models: served where it landed
+                n = self._text_tokens(max_tokens)
+                models = [await self.model(r.model_id, call, "StreamText", n, True, agree=False) for r in reqs]
+                (by_layer,) = await self.run_texts(models, [text], max_tokens)
+                for i, (model, req) in enumerate(zip(models, reqs, strict=True)):
+                    async for item in self._events(model, req, by_layer[int(model.meta.layer)],  # pyright: ignore[reportArgumentType]
+                                                   expired, t0, top):
+                        yield Tagged(i, item)
+                return
             if text is not None:
                 model = await self.model(request.model_id, call, "StreamText", self._text_tokens(max_tokens), True)
+                ta = await self.run_text(model, text, max_tokens)
             else:
                 encodes = request.WhichOneof("input") == "activations"
                 rows = _rows(request.activations) if encodes else _code_rows(request.codes)
                 model = await self.model(request.model_id, call, "StreamEvents", rows, encodes)
-            ta = None
-            if text is not None:
-                ta = await self.run_text(model, text, max_tokens)
-                yield ta
-            plan = await self.compute(self._plan, model, request, ta)
-            events = self._off_loop(self.service.events, model, plan, expired, t0, top)
-            try:
-                async for ev in events:
-                    yield ev
-            finally:
-                await events.aclose()
+                ta = None
+            async for item in self._events(model, request, ta, expired, t0, top):
+                yield item
 
         return self.streaming("StreamText" if text is not None else "StreamEvents", request.model_id, call, body)
+
+    async def _events(self, model: ServedModel, request: pb.StreamDecodeRequest, ta: TextActivations | None,
+                      expired: Callable[[], bool], t0: float, top: int
+                      ) -> AsyncGenerator[TextActivations | stream.Event, None]:
+        if ta is not None:
+            yield ta
+        plan = await self.compute(self._plan, model, request, ta)
+        events = self._off_loop(self.service.events, model, plan, expired, t0, top)
+        try:
+            async for ev in events:
+                yield ev
+        finally:
+            await events.aclose()
 
     def _text_tokens(self, max_tokens: int) -> int:
         """Most tokens a text call runs (its own cap, within the server's)."""
@@ -412,6 +444,8 @@ def _code_rows(c: pb.SparseCodes) -> int:
 
 def _is_end(item: Any) -> bool:
     """Whether a streamed item ends its stream (a StreamDecodeResponse with `end`, an end event)."""
+    if isinstance(item, Tagged):
+        item = item.item
     if isinstance(item, pb.StreamDecodeResponse):
         return item.HasField("end")
     return isinstance(item, stream.EndEvent) or (isinstance(item, stream.RungEvent) and item.end is not None)
