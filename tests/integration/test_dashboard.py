@@ -62,7 +62,7 @@ def get_json(app, path: str) -> tuple[int, dict]:
 def test_page_and_static(app):
     status, body, ctype = get(app, "/")
     assert status == 200 and ctype.startswith("text/html") and b'id="streams"' in body
-    scripts = ("app.js", "api.js", "card.js", "chart.js", "tokens.js", "panel.js")
+    scripts = ("app.js", "api.js", "card.js", "chart.js", "tokens.js", "panel.js", "kl.js")
     for name, kind in (*((f, "javascript") for f in scripts), ("style.css", "css")):
         status, body, ctype = get(app, f"/static/{name}")
         assert status == 200 and kind in ctype and body
@@ -326,3 +326,66 @@ def test_browser_shows_lm_and_sae_time_apart_and_a_cut_text(page, app):
     total = int(re.search(r"of (\d+) tokens", note).group(1))
     assert page.locator(".stream .trunc").is_visible() and "first 512 of" in note and total > 512
     assert page.locator(".stream .tok").count() == 512
+
+
+def test_browser_kl_controls(page, app):
+    """Issue 21 item 3: "show KL" puts each token's prediction at its rung beside the clean one and
+    colours a strip by KL; a KL target stops tokens at a rung and the end says how many met it; a
+    model without a language model gets the server's reason in the error banner."""
+    text = "The cat sat on the mat because it was warm."
+    open_page(page, app)
+    assert page.is_visible("#show-kl") and page.is_visible("#token-target-kl")
+    # no KL asked: no KL strip, no predictions (the stream is what it was)
+    encode(page, text)
+    assert page.locator(".stream .klstrip").count() == 0 and page.locator(".stream .pred").count() == 0
+    # show KL: every token has a KL colour and its rung and clean predictions
+    page.check("#show-kl")
+    encode(page, text)
+    n = page.locator(".stream .tok").count()
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert n >= 8 and page.get_attribute(".stream", "data-stop") == "ladder_done"
+    cells = page.locator(".stream .klstrip .kltok")
+    assert cells.count() == n
+    kls = [float(cells.nth(i).get_attribute("data-kl")) for i in range(n)]
+    assert all(v >= 0 for v in kls) and max(kls) > 0
+    assert all("--t:" in (cells.nth(i).get_attribute("style") or "") for i in range(n))
+    preds = page.locator(".stream .tok .pred")
+    assert preds.count() == n
+    for i in range(n):
+        line = preds.nth(i).inner_text()
+        assert re.search(r"rung: \".*\" \d\.\d\d \| clean: \".*\" \d\.\d\d KL \d", line), line
+    assert "clean prediction" in page.inner_text(".stream .klstrip .strip-head") or "KL" in page.inner_text(
+        ".stream .klstrip .strip-head")
+    # a KL target: tokens stop at their first rung within it; the end says how many met it
+    page.uncheck("#show-kl")
+    target = sorted(kls)[len(kls) // 2] * 4  # met by the full ladder for at least half the tokens
+    page.fill("#token-target-kl", f"{target:.4f}")
+    encode(page, text)
+    panel = page.locator(".stream").first
+    assert panel.get_attribute("data-kl") == "1"
+    assert page.locator(".stream .klstrip .kltok").count() == n
+    head = page.inner_text(".stream .klstrip .strip-head")
+    met = int(panel.get_attribute("data-kl-met"))
+    assert f"{met} / {n} tokens met the KL target {float(f'{target:.4f}')}" in head and met >= 1
+    got = page.locator(".stream .klstrip .kltok")
+    end_kl = [float(got.nth(i).get_attribute("data-kl")) for i in range(n)]
+    assert sum(v <= target for v in end_kl) == met
+    assert page.locator(".stream .klstrip .kltok.unmet").count() == n - met
+    if met == n:
+        assert panel.get_attribute("data-stop") == "token_target_kl"
+        assert page.inner_text(".stream .stop") == "every token met its KL target"
+    assert page.locator(".stream .tok.settled").count() >= 1  # a token stopped before the last rung
+    finals = {int(page.locator(".stream .tok").nth(i).get_attribute("data-final-g")) for i in range(n)}
+    assert finals <= set(LADDER) and min(finals) < LADDER[-1]
+    # each stopped token shows what the model predicts at that point
+    assert all("rung: " in preds.nth(i).inner_text() for i in range(n))
+    # bad target: the server's reason in the banner
+    page.fill("#token-target-kl", "-1")
+    encode(page, text)
+    assert "token_target_kl" in page.inner_text("#error")
+    # a model without a language model
+    page.fill("#token-target-kl", "")
+    page.check("#show-kl")
+    page.select_option("#model-a", "nofeat@mean_sq")
+    encode(page, text)
+    assert "language model" in page.inner_text("#error")

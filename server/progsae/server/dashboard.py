@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "api.js": "text/javascript",
                 "card.js": "text/javascript", "chart.js": "text/javascript", "tokens.js": "text/javascript",
-                "panel.js": "text/javascript", "style.css": "text/css",
+                "panel.js": "text/javascript", "kl.js": "text/javascript", "style.css": "text/css",
                 "favicon.svg": "image/svg+xml"}
 CURVE_KEYS = ("g", "fvu", "ce_recovered", "l0")
 MAX_LABELS = 1024

@@ -19,6 +19,7 @@ const STOP_TEXT = {
   deadline: "deadline reached",
   target_fvu: "target FVU reached",
   token_target_fvu: "every token met its target",
+  token_target_kl: "every token met its KL target",
   max_k: "max k′ reached",
   CANCELLED: "cancelled",
 };
@@ -136,7 +137,7 @@ function request(modelId) {
     if (k !== null && k <= modelOf(modelId).k) budget.max_k = k;
     if ($("axis-k").checked) Object.assign(body, { axis: "k", k_ladder: kLadderOf(modelId) });
   }
-  return body;
+  return klRequest(body);
 }
 
 // --- streaming --------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ function renderHeader(panel, h) {
       el("div", { class: "tok-text" + (layout.bytes[i] ? " bytes" : ""), title: JSON.stringify(t) }, tokenText(layout, t, i)),
       el("div", { class: "l0bar" }, el("span")),
       el("div", { class: "feats" })), groupCell));
+  klHeader(panel, h);
 }
 
 function showBaseline(panel, h) {
@@ -98,6 +99,7 @@ function renderRung(panel, r, modelId) {
     tokEl.title = top.length ? top.map(([l, v]) => `${l}: ${v.toFixed(3)}`).join("\n") : "no active latent yet";
     tokEl.querySelector(".l0bar span").style.width = `${(100 * panel._l0[i]) / maxL0}%`;
   });
+  klRung(panel, r);
 }
 
 function renderStrip(panel, e) {
@@ -154,4 +156,5 @@ function renderEnd(panel, e) {
     stop.className = "stop missed";
   }
   renderStrip(panel, e);
+  klEnd(panel, e);
 }
