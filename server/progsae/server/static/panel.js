@@ -148,7 +148,8 @@ function renderEnd(panel, e) {
   if (budget.target_fvu !== undefined && e.stop_reason !== "target_fvu") {
     missed = `target FVU ${budget.target_fvu} not met (FVU ${fmt(e.final_fvu, 4)})`;
   } else if (unmet) {
-    missed = `${unmet} token${unmet > 1 ? "s" : ""} never met the per-token target`;
+    const which = budget.token_target_fvu === undefined && budget.token_target_kl !== undefined ? "KL" : "per-token";
+    missed = `${unmet} token${unmet > 1 ? "s" : ""} never met the ${which} target`;
   }
   panel.dataset.missed = missed ? "1" : "0";
   if (missed) {
