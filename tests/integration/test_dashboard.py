@@ -273,7 +273,11 @@ def test_browser_side_by_side(page, app, tmp_path):
     shots = Path(os.environ.get("PROGSAE_SCREENSHOTS", tmp_path))
     open_page(page, app, "?side=1")
     assert page.input_value("#model-b") == "topk@mean_sq"
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/api/stream") else None)
     encode(page, "Paris is the capital of France, and Berlin is a large city.")
+    # both panels from one request: the server runs the language model once for the two models
+    assert len(sent) == 1 and sent[0]["also_models"] == ["topk@mean_sq"]
     panels = page.locator(".stream")
     assert panels.count() == 2
     for i in range(2):

@@ -169,34 +169,47 @@ function colorOf(modelId) {
   return PALETTE[Math.max(0, i) % PALETTE.length];
 }
 
-async function streamOne(modelId, panel, text, signal) {
+async function streamOne(modelIds, panels, text, signal) {
+  // one request for all the panels: with several models the server runs the language model once for
+  // them all (also_models) and tags each event with its panel's index (`stream`)
+  const body = { ...(panels[0]._request = request(modelIds[0])), text };
+  panels.slice(1).forEach((p, i) => { p._request = request(modelIds[i + 1]); });
+  if (modelIds.length > 1) body.also_models = modelIds.slice(1);
   let resp;
   try {
     resp = await api("/api/stream", {
-      method: "POST", headers: { "Content-Type": "application/json" }, signal,
-      body: JSON.stringify({ ...(panel._request = request(modelId)), text }),
+      method: "POST", headers: { "Content-Type": "application/json" }, signal, body: JSON.stringify(body),
     });
   } catch (e) {
     if (signal.aborted) return;
     throw new Error(unreachable(e));
   }
   if (!resp.ok) throw await failure(resp, "/api/stream");
-  state.live[modelId] = [];
-  panel.dataset.state = "streaming";
+  modelIds.forEach((id, i) => { state.live[id] = []; panels[i].dataset.state = "streaming"; });
+  const name = modelIds.join(" + ");
   try {
     for await (const ev of sseEvents(resp)) {
-      if (ev.event === "header") renderHeader(panel, ev.data);
-      else if (ev.event === "rung") renderRung(panel, ev.data, modelId);
-      else if (ev.event === "end") renderEnd(panel, ev.data);
-      else if (ev.event === "error") throw new Error(`${modelId}: ${ev.data.message}`);
+      const i = (ev.data && ev.data.stream) || 0;
+      if (ev.event === "header") renderHeader(panels[i], ev.data);
+      else if (ev.event === "rung") renderRung(panels[i], ev.data, modelIds[i]);
+      else if (ev.event === "end") renderEnd(panels[i], ev.data);
+      else if (ev.event === "error") throw new Error(`${name}: ${ev.data.message}`);
     }
   } catch (e) {
     if (signal.aborted) return;
     if (e instanceof TypeError) throw new Error(unreachable(e));
     throw e;
   }
-  if (panel.dataset.state === "streaming") throw new Error(`${modelId}: the stream ended without an end message`);
-  await fillLabels(panel, modelId);
+  if (panels.some((p) => p.dataset.state === "streaming")) throw new Error(`${name}: the stream ended without an end message`);
+  await Promise.all(modelIds.map((id, i) => fillLabels(panels[i], id)));
+}
+
+function oneAsk(ids) {
+  // the panels share one request (one language-model pass) when their models run text on the same
+  // language model and the panels ask the same of them
+  const lms = ids.map((id) => { const m = modelOf(id); return m && m.text_available ? m.language_model : null; });
+  const asks = ids.map((id) => JSON.stringify({ ...request(id), model_id: "" }));
+  return lms.every((lm) => lm && lm === lms[0]) && asks.every((a) => a === asks[0]);
 }
 
 function clearResults() {
@@ -223,7 +236,9 @@ async function run() {
   $("streams").replaceChildren(...panels);
   $("streams").classList.toggle("two", ids.length > 1);
   document.body.dataset.running = "1";
-  const results = await Promise.allSettled(ids.map((id, i) => streamOne(id, panels[i], text, ctl.signal)));
+  const results = oneAsk(ids)
+    ? (await Promise.allSettled([streamOne(ids, panels, text, ctl.signal)])).flatMap((r) => ids.map(() => r))
+    : await Promise.allSettled(ids.map((id, i) => streamOne([id], [panels[i]], text, ctl.signal)));
   if (ctl !== state.controller) return;
   const denied = results.find((r) => r.status === "rejected" && r.reason instanceof AuthError);
   if (denied) askToken(denied.reason.message);
