@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from progsae.lm.models import forward_from_layer, hidden_at_layer
-from progsae.sae.metrics import TokenLossAccumulator, token_kl
+from progsae.sae.metrics import CleanTerms, TokenLossAccumulator, clean_terms, token_kl
 
 K = TypeVar("K", bound=Hashable)
 
@@ -89,6 +89,13 @@ def next_token_log_probs(model: nn.Module, hidden: Tensor, layer: int, positions
     return torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
 
 
+def start_residual(model: nn.Module, layer: int, start_id: int) -> Tensor:
+    """[d] float32 hidden_states[layer] of the start token alone: position 0 of every context (exact for
+    a causal model, which attends from position 0 to itself only)."""
+    device = next(model.parameters()).device
+    return hidden_at_layer(model, torch.tensor([[start_id]], device=device), layer).float().reshape(-1)
+
+
 class NextTokens(NamedTuple):
     """The model's next-token predictions after some tokens of a text, with a stand-in spliced in,
     against the clean ones."""
@@ -116,44 +123,51 @@ class TextSplice:
     `score(state, tokens)` splices `state` [N, d] (every token's current stand-in) and scores the listed
     tokens only: the layers from `layer` on run over positions 0..(last listed token + 1) and the head
     over the listed positions. The clean pass runs with the first `score`, as a second row of the same
-    forward (one pass of two rows costs less than two passes); `clean_top` is available after it.
-    Not thread-safe: the caller holds the model (progsae.lm.models.forward_from_layer swaps its layers).
+    forward (one pass of two rows costs less than two passes), which keeps of it what KL needs
+    (metrics.clean_terms: p_clean and its negative entropy) and its top-1; `clean_top` is available after it.
+    `h0`: the start token's residual when the caller has it (it depends on the model, layer and start
+    token alone). Not thread-safe: the caller holds the model (forward_from_layer swaps its layers).
     """
 
-    @torch.no_grad()
-    def __init__(self, model: nn.Module, layer: int, start_id: int, body: Tensor, replace: Tensor | None = None):
+    @torch.inference_mode()
+    def __init__(self, model: nn.Module, layer: int, start_id: int, body: Tensor, replace: Tensor | None = None,
+                 h0: Tensor | None = None):
         self.model, self.layer = model, layer
         self.device = next(model.parameters()).device
         n, d = body.shape
-        h0 = hidden_at_layer(model, torch.tensor([[start_id]], device=self.device), layer).float()
-        self.hidden = torch.cat([h0.reshape(1, 1, d), body.to(self.device, torch.float32)[None]], dim=1)
+        if h0 is None:
+            h0 = start_residual(model, layer, start_id)
+        self.hidden = torch.cat([h0.reshape(1, 1, d).to(self.device), body.to(self.device, torch.float32)[None]], 1)
         self.n = n
         self.replace = (torch.ones(n, dtype=torch.bool) if replace is None else replace.bool()).to(self.device)
-        self.clean: Tensor | None = None
-        """[N, vocab] float32 clean log-probabilities (after the first `score`)."""
+        self.clean: CleanTerms | None = None
+        """The clean predictions' p [N, vocab] and negative entropy [N] (after the first `score`)."""
+        self._argmax: Tensor | None = None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, state: Tensor, tokens: Tensor, top: int = 0) -> NextTokens:
         """Splice `state` [N, d] in and score `tokens` (int64 [P], ascending, within 0..N-1)."""
         tokens = tokens.to(self.device)
+        every = len(tokens) == self.n  # ascending and within 0..N-1: all of them
         h = splice(self.hidden, self.replace[None], state.to(self.device))
         if self.clean is None:
-            every = torch.arange(1, self.n + 1, device=self.device)
-            both = next_token_log_probs(self.model, torch.cat([self.hidden, h]), self.layer, every)
-            self.clean, lp = both[: self.n], both[self.n:][tokens]
+            both = next_token_log_probs(self.model, torch.cat([self.hidden, h]), self.layer,
+                                        torch.arange(1, self.n + 1, device=self.device))
+            self.clean, self._argmax = clean_terms(both[: self.n]), both[: self.n].argmax(-1)
+            lp = both[self.n:] if every else both[self.n:][tokens]
         else:
             lp = next_token_log_probs(self.model, h, self.layer, tokens + 1)
-        clean = self.clean[tokens]
+        assert self.clean is not None and self._argmax is not None
+        kl = token_kl(self.clean if every else CleanTerms(self.clean.p[tokens], self.clean.neg_entropy[tokens]), lp)
         probs, ids = lp.topk(top, dim=-1) if top > 0 else (lp[:, :0], torch.zeros(len(tokens), 0, dtype=torch.long))
-        return NextTokens(token_kl(clean, lp).cpu(), (lp.argmax(-1) == clean.argmax(-1)).cpu(), ids.cpu(),
-                          probs.exp().cpu())
+        return NextTokens(kl.cpu(), (lp.argmax(-1) == self._argmax[tokens]).cpu(), ids.cpu(), probs.exp().cpu())
 
     def clean_top(self, top: int) -> tuple[Tensor, Tensor]:
         """([N, top] int64 ids, [N, top] float32 probabilities): the clean model's most probable next tokens."""
         if self.clean is None:
             raise RuntimeError("the clean pass runs with the first score")
-        probs, ids = self.clean.topk(top, dim=-1)
-        return ids.cpu(), probs.exp().cpu()
+        probs, ids = self.clean.p.topk(top, dim=-1)
+        return ids.cpu(), probs.cpu()
 
 
 @torch.no_grad()
@@ -176,7 +190,7 @@ def splice_losses(model: nn.Module, layer: int, batches: Iterable[SpliceBatch],
             raise ValueError(f"contexts of {T} tokens leave nothing to score")
         if h0 is None:
             start = int(b.ids[0, 0])
-            h0 = hidden_at_layer(model, b.ids[:1, :1], layer).float()  # [1, 1, d]
+            h0 = start_residual(model, layer, start).reshape(1, 1, -1)  # [1, 1, d]
         if bool((b.ids[:, 0] != start).any()):
             raise ValueError("contexts start with different tokens; expected one start token")
         hidden = torch.cat([h0.expand(B, 1, -1), b.body.view(B, T - 1, -1)], dim=1)

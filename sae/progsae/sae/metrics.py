@@ -111,11 +111,28 @@ def ce_loss_recovered(ce_clean: float, ce_zero: float, ce_sae: float) -> float:
     return (ce_zero - ce_sae) / den if den != 0 else float("nan")
 
 
-def token_kl(logp_clean: Tensor, logp: Tensor) -> Tensor:
-    """[N] float64 KL(p_clean || p) in nats of N next-token distributions, from their log-probabilities
-    [N, V]: elementwise in the input precision (float32 log-probs are accurate to ~1e-7), summed in
-    float64. The one definition: CE evaluation's KL and the server's per-token, per-rung KL."""
-    return (logp_clean.exp() * (logp_clean - logp)).sum(-1, dtype=torch.float64)
+class CleanTerms(NamedTuple):
+    """What KL(p_clean || p) needs of the clean side, computed once for rows scored against many variants."""
+
+    p: Tensor
+    """[N, V] p_clean, in the log-probabilities' precision."""
+    neg_entropy: Tensor
+    """[N] float64 sum_v p_clean log p_clean."""
+
+
+def clean_terms(logp_clean: Tensor) -> CleanTerms:
+    p = logp_clean.exp()
+    return CleanTerms(p, (p * logp_clean).sum(-1, dtype=torch.float64))
+
+
+def token_kl(clean: Tensor | CleanTerms, logp: Tensor) -> Tensor:
+    """[N] float64 KL(p_clean || p) = sum_v p_clean log p_clean - sum_v p_clean log p in nats, of N
+    next-token distributions: the clean ones by their log-probabilities [N, V] (or their `clean_terms`,
+    computed once when the same clean rows meet many variants, e.g. a stream's rungs), the others by
+    theirs, `logp` [N, V]. Products in the input precision (float32 log-probs are accurate to ~1e-7),
+    sums in float64. The one definition: CE evaluation's KL and the server's per-token, per-rung KL."""
+    c = clean if isinstance(clean, CleanTerms) else clean_terms(clean)
+    return c.neg_entropy - (c.p * logp).sum(-1, dtype=torch.float64)
 
 
 class TokenLossAccumulator:

@@ -44,6 +44,8 @@ from .text import TextBackend
 if TYPE_CHECKING:
     from progsae.lm.splice import NextTokens, TextSplice
 
+_START: dict[tuple[str, int, int], Tensor] = {}
+"""The start token's residual per (LM, layer, start token): the same for every text (guarded by the LM's lock)."""
 MAX_PREDICTIONS = 20
 """Most next tokens a rung may carry per token (Fidelity.predictions)."""
 DEFAULT_FACTOR = 10.0
@@ -98,7 +100,7 @@ class Fidelity:
 
     def __init__(self, model: ServedModel, x: Tensor, ask: Ask, backend: TextBackend | None = None):
         """`x` [N, d_in]: the text's clean activations at the SAE's layer (the stream's input)."""
-        from progsae.lm.splice import TextSplice
+        from progsae.lm.splice import TextSplice, start_residual
 
         meta = model.meta
         if not meta.model or meta.layer is None:
@@ -114,7 +116,10 @@ class Fidelity:
                                    f"language model {self.alias!r} has width {lm.d_model}, model {model.id} "
                                    f"d_in={x.shape[1]}")
             self.tokenizer = lm.tokenizer
-            self.splice: TextSplice = TextSplice(lm.model, self.layer, lm.start_token_id, x, self.spliced)
+            key = (self.alias, self.layer, lm.start_token_id)
+            if key not in _START:
+                _START[key] = start_residual(lm.model, self.layer, lm.start_token_id)
+            self.splice: TextSplice = TextSplice(lm.model, self.layer, lm.start_token_id, x, self.spliced, _START[key])
         n = x.shape[0]
         self.state = x.clone()  # every token's current stand-in; rung 0 computes every token
         self.last: NextTokens | None = None
