@@ -256,6 +256,13 @@ def test_encode_text_with_real_lm(app, client):
     assert status == 200 and body.startswith("event: header") and "event: end" in body
     header = json.loads(body.split("\n")[1].removeprefix("data: "))
     assert header["tokens"] and header["ladder"][-1] == 128
+    # revision 5: a text stream with per-rung KL and a KL budget, the LM's tail run in the codec replica
+    kl = client.stream("The quick brown fox jumps over the lazy dog.", model="lm", max_g=256, token_target_kl=1e9)
+    rungs = list(kl)
+    assert kl.result.stop_reason == "token_target_kl" and len(rungs) == 1 and kl.result.token_met.all()
+    assert kl.result.token_strings == out.tokens and np.isfinite(kl.result.token_kl).all()
+    status, body = _http(app, "/api/stream?model_id=lm&text=Hello%20world&max_granularity=128&kl=true")
+    assert status == 200 and '"kl":[' in body and '"token_kl":[' in body
 
 
 def test_metrics_reach_prometheus(app, client, x):
@@ -263,6 +270,8 @@ def test_metrics_reach_prometheus(app, client, x):
 
     client.encode(x, model="mat")
     list(client.stream(x, model="mat", max_g=32))
+    with pytest.raises(ProgsaeError):  # a refused call (this test may run first in the module)
+        client.encode(x[:, :3], model="mat")
     want = {"ray_progsae_requests", "ray_progsae_rungs_streamed", "ray_progsae_stream_stops",
             "ray_progsae_request_latency_ms", "ray_progsae_encode_batch_size", "ray_progsae_bytes_out"}
     found: dict[str, list] = {}
@@ -271,7 +280,9 @@ def test_metrics_reach_prometheus(app, client, x):
         with urllib.request.urlopen(app["metrics"], timeout=10) as r:
             text = r.read().decode()
         found = {f.name: f.samples for f in text_string_to_metric_families(text) if f.name.startswith("ray_progsae")}
-        if want <= set(found):
+        refused = want <= set(found) and any(s.labels.get("status") == "INVALID_ARGUMENT"
+                                             for s in found["ray_progsae_requests"])
+        if refused:
             break
         time.sleep(1)
     assert want <= set(found), sorted(found)
