@@ -54,7 +54,9 @@ def test_redeploy_under_streaming_load_loses_no_call(app):
     threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
     for t in threads:
         t.start()
-    time.sleep(3)
+    deadline = time.time() + 60  # every client finished a stream on the replicas there are now
+    while len(done) < len(threads) and time.time() < deadline and not failures:
+        time.sleep(0.2)
     before = set(done)
     t0 = time.time()
     # a changed config: Serve replaces every codec replica (rolling), each old one drains its port
