@@ -192,7 +192,11 @@ def channel_options(cfg: ClientConfig) -> list[tuple[str, int | str]]:
             # a replica that went away is reconnected to (or replaced) within 0.1 s, not gRPC's default 1 s,
             # so retries land while the service re-forms (a redeploy, a scale-down, a node lost)
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2000)]
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            # each client its own connections: gRPC otherwise shares one subchannel per address among all
+            # the channels of a process, so a process's clients all land on, and move between, the same
+            # replica together (seen: 12 clients on one replica while a new one stood idle)
+            ("grpc.use_local_subchannel_pool", 1)]
 
 
 def credentials(cfg: ClientConfig):
