@@ -23,7 +23,6 @@ from progsae.server import launch
 from progsae.server.config import AppConfig
 from progsae.server.validate import Limits
 from tests.support import synthetic as testing
-from tests.support.browser import chromium, new_page
 from tests.support.dashboard_fixtures import K_LADDER, LADDER
 from tests.support.dashboard_fixtures import build as build_fixtures
 from tests.support.synthetic import free_port
@@ -128,18 +127,6 @@ def test_feature_errors(app, query, status, code, words):
 
 
 # --- the page in headless Chromium --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def page(browser, app):
-    with new_page(browser) as pg:
-        yield pg
 
 
 def open_page(page, app, query: str = "") -> None:

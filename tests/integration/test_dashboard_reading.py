@@ -21,7 +21,6 @@ from progsae.server.config import AppConfig
 from progsae.trainer.data.activations import ActivationCache
 from tests.integration.test_dashboard import encode, open_page
 from tests.support import synthetic as testing
-from tests.support.browser import chromium, new_page
 from tests.support.dashboard_fixtures import LADDER
 from tests.support.dashboard_fixtures import build as build_fixtures
 from tests.support.synthetic import free_port
@@ -44,18 +43,6 @@ def app(tmp_path_factory):
     addrs = launch.start(AppConfig(checkpoint_root=str(root)), cluster)
     yield {"root": root, "reference": cfg["progsae"]["reference_variance"], **paths, **addrs}
     launch.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def page(browser, app):
-    with new_page(browser) as pg:
-        yield pg
 
 
 def marker_labels(page) -> list[str]:

@@ -298,20 +298,12 @@ class ProgsaeServicer:
         field = ids[0] if len(ids) == 1 else ""
 
         async def body():
-            if len(set(ids)) < len(ids):
-                raise invalid(f"model_ids name a model twice: {ids}")
-            if len(ids) > 1:
-                meta = call.model_id
-                if meta and meta not in ids:
-                    raise invalid(f"metadata multiplexed_model_id={meta!r} is none of model_ids {ids}")
-                call.stay = True  # several models: served where it landed, not sent on to one holder
             n = self._text_tokens(request.max_tokens) * len(request.texts)
-            models = [await self.model(i, call, "EncodeTexts", n, True, agree=len(ids) == 1) for i in ids]
+            models = await self._text_models(ids, call, "EncodeTexts", n)
             texts = await self.run_texts(models, list(request.texts), request.max_tokens)
-            results = await self.compute(lambda: [self.service.encode_text_response(
-                m, by_layer[int(m.meta.layer)], request.packed_codes)  # pyright: ignore[reportArgumentType]
-                for by_layer in texts for m in models])
-            return pb.EncodeTextsResponse(results=results, lm_ms=texts[0][int(models[0].meta.layer)].lm_ms)  # pyright: ignore[reportArgumentType]
+            results = await self.compute(lambda: [self.service.encode_text_response(m, ta, request.packed_codes)
+                                                  for row in texts for m, ta in zip(models, row, strict=True)])
+            return pb.EncodeTextsResponse(results=results, lm_ms=texts[0][0].lm_ms)
 
         return await self.unary("EncodeTexts", field, call, body, pb.EncodeTextsResponse(), request)
 
@@ -338,13 +330,13 @@ class ProgsaeServicer:
 
     async def run_text(self, model: ServedModel, text: str, max_tokens: int) -> TextActivations:
         """The checkpoint's language model over `text`, up to its layer (once per call)."""
-        (by_layer,) = await self.run_texts([model], [text], max_tokens)
-        return by_layer[int(model.meta.layer)]  # pyright: ignore[reportArgumentType]  (run_texts checked it)
+        ((ta,),) = await self.run_texts([model], [text], max_tokens)
+        return ta
 
     async def run_texts(self, models: Sequence[ServedModel], texts: Sequence[str],
-                        max_tokens: int) -> list[dict[int, TextActivations]]:
+                        max_tokens: int) -> list[list[TextActivations]]:
         """The models' one language model over `texts` in one pass, up to the deepest of their layers:
-        [text][layer]."""
+        [text][model], each at its model's layer."""
         validate.texts(texts, self.service.limits)
         if not self.text_enabled:
             raise ServiceError(Status.UNIMPLEMENTED, "this server runs no language model (text: false)")
@@ -353,7 +345,20 @@ class ProgsaeServicer:
         t0 = time.perf_counter()
         out = await self._text(lm, layers, list(texts), self._text_tokens(max_tokens))
         ms = 1e3 * (time.perf_counter() - t0)
-        return [{layer: dataclasses.replace(ta, lm_ms=ms) for layer, ta in by_layer.items()} for by_layer in out]
+        return [[dataclasses.replace(by_layer[int(m.meta.layer)], lm_ms=ms) for m in models]  # pyright: ignore[reportArgumentType]
+                for by_layer in out]
+
+    async def _text_models(self, ids: Sequence[str], call: Call, method: str, tokens: int) -> list[ServedModel]:
+        """The models a text call names, loaded: each once, and, naming several, the metadata's model (when
+        set) one of them; such a call is served here (one call cannot follow several models to holders)."""
+        if len(set(ids)) < len(ids):
+            raise invalid(f"a model is named twice: {list(ids)}")
+        if len(ids) > 1:
+            meta = call.model_id
+            if meta and meta not in ids:
+                raise invalid(f"metadata multiplexed_model_id={meta!r} is none of the models {list(ids)}")
+            call.stay = True
+        return [await self.model(i, call, method, tokens, True, agree=len(ids) == 1) for i in ids]
 
     def StreamEvents(self, request: pb.StreamDecodeRequest, call: Call, *, top: int = 8, text: str | None = None,
                      max_tokens: int = 0, also: Sequence[pb.StreamDecodeRequest] = ()
@@ -371,15 +376,11 @@ class ProgsaeServicer:
                 reqs = [request, *also]
                 if text is None:
                     raise invalid("several models in one stream need a text")
-                if len({r.model_id for r in reqs}) < len(reqs):
-                    raise invalid(f"a model is named twice: {[r.model_id for r in reqs]}")
-                call.stay = True  # several models: served where it landed
-                n = self._text_tokens(max_tokens)
-                models = [await self.model(r.model_id, call, "StreamText", n, True, agree=False) for r in reqs]
-                (by_layer,) = await self.run_texts(models, [text], max_tokens)
-                for i, (model, req) in enumerate(zip(models, reqs, strict=True)):
-                    async for item in self._events(model, req, by_layer[int(model.meta.layer)],  # pyright: ignore[reportArgumentType]
-                                                   expired, t0, top):
+                models = await self._text_models([r.model_id for r in reqs], call, "StreamText",
+                                                 self._text_tokens(max_tokens))
+                (tas,) = await self.run_texts(models, [text], max_tokens)
+                for i, (model, req, ta) in enumerate(zip(models, reqs, tas, strict=True)):
+                    async for item in self._events(model, req, ta, expired, t0, top):
                         yield Tagged(i, item)
                 return
             if text is not None:
