@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from .call import Call
@@ -99,14 +99,16 @@ class HandleForwarder:
         response = self._handle().options(multiplexed_model_id=spec.id, stream=True).forwarded_stream.remote(
             method, request, call.time_remaining())
         refs = await self._routed(response._to_object_ref_gen(), response, call)
+        sent = 0
         try:
-            async for n, ref in _enumerate(refs):
+            async for ref in refs:
                 try:
                     item = await asyncio.wait_for(ref, self.wait_s)
                 except TimeoutError:
                     raise ServiceError(Status.UNAVAILABLE, LOST_REPLICA.format(
-                        f"item {n + 1} of the replica it was sent on to not fetched in {self.wait_s:g} s")) from None
+                        f"item {sent + 1} of the replica it was sent on to not fetched in {self.wait_s:g} s")) from None
                 yield item
+                sent += 1
         except Exception as e:  # noqa: BLE001  (mapped to one status)
             raise _unwrap(e) from None
         finally:
@@ -122,13 +124,6 @@ class HandleForwarder:
             raise NotRouted from None
         except Exception as e:  # noqa: BLE001
             raise _unwrap(e) from None
-
-
-async def _enumerate(items: AsyncIterator[T]) -> AsyncGenerator[tuple[int, T], None]:
-    n = 0
-    async for item in items:
-        yield n, item
-        n += 1
 
 
 def _unwrap(e: BaseException) -> ServiceError:
