@@ -60,3 +60,22 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
         terminalreporter.section("fuzz cases")
         for suite, counts in sorted(FUZZ_CASES.items()):
             terminalreporter.write_line(f"{suite}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())))
+
+
+# --- the browser tests: one headless Chromium per module, a fresh page per test on the module's `app` ---
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from tests.support.browser import chromium
+
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def page(browser, app):
+    from tests.support.browser import new_page
+
+    with new_page(browser) as pg:
+        yield pg
